@@ -1,0 +1,394 @@
+"""Experiment configuration: a typed schema with defaults, YAML loading, dotted overrides.
+
+One YAML per experiment with the sections below. Unknown keys and wrong types are `UserError`s
+that name the key (and the nearest valid key for a misspelling). YAML is read with `safe_load` only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from core.errors import UserError
+
+
+@dataclass
+class ChannelsConfig:
+    """Channel policy (`left`, `bilateral`, `cyclic`) per elastic dimension."""
+
+    embed: str = "left"
+    attn: str = "left"
+    mlp: str = "left"
+
+
+@dataclass
+class SpaceConfig:
+    """A search space: the choices of every architecture field and the superformer's sizes.
+
+    Per-layer fields (`num_heads`, `attn_dim`/`head_dim`, `mlp_dim`/`mlp_ratio`) offer the same
+    choices in every layer. `super_*` default to the largest choice.
+    """
+
+    name: str = "custom"
+    img_size: int = 224
+    in_chans: int = 3
+    patch_size: list[int] = field(default_factory=lambda: [16])
+    embed_dim: list[int] = field(default_factory=lambda: [192])
+    depth: list[int] = field(default_factory=lambda: [12])
+    num_heads: list[int] = field(default_factory=lambda: [3])
+    head_dim: Optional[int] = None
+    attn_dim: Optional[list[int]] = None
+    mlp_ratio: Optional[list[float]] = None
+    mlp_dim: Optional[list[int]] = None
+    identity: bool = False
+    super_embed_dim: Optional[int] = None
+    super_depth: Optional[int] = None
+    super_attn_dim: Optional[int] = None
+    super_mlp_dim: Optional[int] = None
+    qk: str = "entangled"
+    rel_pos: bool = False
+    rel_pos_max: int = 14
+    pool: str = "cls"
+    qkv_bias: bool = True
+    channels: ChannelsConfig = field(default_factory=ChannelsConfig)
+
+
+@dataclass
+class DataConfig:
+    """Folder data set (`root/train/<class>/`, `root/val/<class>/`) and timm's augmentation."""
+
+    root: str = ""
+    num_classes: Optional[int] = None
+    holdout_per_class: int = 10
+    split_seed: int = 0
+    workers: int = 2
+    interpolation: str = "bicubic"
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    crop_pct: float = 0.875
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+
+
+@dataclass
+class SupernetConfig:
+    """Superformer training (`vitas train-supernet`). `batch_size` is the global batch per step."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    sampling: str = "uniform"
+    distill: bool = False
+    opt: str = "adamw"
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: int = 5
+    weight_decay: float = 0.05
+    clip_grad: Optional[float] = 5.0
+    drop_path: float = 0.1
+    ema: bool = False
+    ema_decay: float = 0.99996
+    amp: bool = True
+    val_random_archs: int = 3
+    save_every_steps: int = 0
+    log_every_steps: int = 20
+    seed: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class SearchConfig:
+    """Architecture search (`vitas search`): evolution (`ga`, `nsga2`) or `rl`, over a scorer."""
+
+    algorithm: str = "ga"
+    scorer: str = "accuracy"
+    checkpoint: Optional[str] = None
+    population: int = 50
+    generations: int = 20
+    steps: int = 500
+    constraint: str = "macs"
+    macs_min: Optional[int] = None
+    macs_max: Optional[int] = None
+    params_min: Optional[int] = None
+    params_max: Optional[int] = None
+    mutation_prob: float = 0.1
+    crossover_prob: float = 0.9
+    top_k: int = 10
+    rl_lr: float = 0.08
+    rl_baseline_momentum: float = 0.9
+    rl_window: int = 20
+    proxy_combine: str = "rank_sum"
+    proxy_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    batch_size: int = 256
+    array_jobs: int = 0
+    seed: int = 0
+
+
+@dataclass
+class ProxyConfig:
+    """Training-free proxies (As-ViT): length distortion, NTK condition number, curvature."""
+
+    radius: str = "unit"
+    output: str = "features"
+    norm: str = "identity"
+    thetas: int = 10
+    inits: int = 5
+    ntk_images: int = 16
+    velocity: str = "fd"
+    ntk_method: str = "vmap"
+    seed: int = 0
+    rank_archs: int = 20
+    ground_truth_epochs: int = 0
+    scaling_param_limit: int = 100_000_000
+
+
+@dataclass
+class RetrainConfig:
+    """Training the chosen architecture from scratch or from superformer weights."""
+
+    arch: Optional[str] = None
+    init: str = "scratch"
+    epochs: int = 300
+    batch_size: int = 128
+    opt: str = "adamw"
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: int = 5
+    weight_decay: float = 0.05
+    clip_grad: Optional[float] = None
+    drop_path: float = 0.1
+    ema: bool = True
+    ema_decay: float = 0.99996
+    amp: bool = True
+    retokenize: list[list[int]] = field(default_factory=list)
+    save_every_steps: int = 0
+    log_every_steps: int = 20
+    seed: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class InferenceConfig:
+    """Evaluation and prediction of a trained checkpoint."""
+
+    checkpoint: Optional[str] = None
+    sha256: Optional[str] = None
+    cache_dir: Optional[str] = None
+    batch_size: int = 256
+    topk: int = 5
+
+
+@dataclass
+class LaunchConfig:
+    """How `vitas submit` runs a stage: Slurm through submitit, or submitit's local executor."""
+
+    executor: str = "auto"
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: Optional[int] = None
+    partition: Optional[str] = None
+    timeout_min: int = 60
+    job_name: str = "vitas"
+    array_parallelism: int = 8
+    max_requeue: int = 3
+
+
+@dataclass
+class Config:
+    """The whole experiment."""
+
+    output_dir: str = "runs/default"
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (JSON/YAML-able, and safe in a `weights_only` checkpoint)."""
+        return dataclasses.asdict(self)
+
+    def stage_dir(self, stage: str) -> Path:
+        """`<output_dir>/<stage>`, the folder a stage writes into."""
+        return Path(self.output_dir) / stage
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; int widens to float. Raises UserError."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                continue
+        raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) >= 1e3:
+            return int(value)  # YAML reads 1.3e9 as a float; a whole number is a fine int
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _unknown(key: str, prefix: str, valid: list[str]) -> UserError:
+    full = f"{prefix}.{key}" if prefix else key
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
+    return UserError(f"unknown config key '{full}'{hint}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown(str(key), prefix, names)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"config key '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`['search.population=30', ...]` -> `[('search.population', 30), ...]` (values as YAML)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise UserError(f"override '{item}': value is not valid YAML ({exc.problem})") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """`yaml.safe_load` of a file, with missing files and syntax errors as UserErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Validate a nested dict against the schema (used for YAML files and checkpoints)."""
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError("config must be a mapping of sections")
+    return _build(Config, tree)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML experiment (or only defaults when `path` is None), apply dotted overrides.
+
+    `output_dir` becomes absolute so that Slurm jobs started elsewhere write to the same place.
+    """
+    tree = read_yaml(path) if path is not None else {}
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    cfg = config_from_dict(tree)
+    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def require_dir(path: str, key: str) -> Path:
+    """A folder the config names must exist: UserError naming the key otherwise."""
+    if not path:
+        raise UserError(f"config key '{key}' is not set")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"{key}: directory not found: {p}")
+    return p
+
+
+def require_file(path: str, key: str) -> Path:
+    """A file the config names must exist: UserError naming the key otherwise."""
+    if not path:
+        raise UserError(f"config key '{key}' is not set")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{key}: file not found: {p}")
+    return p

@@ -1,0 +1,5 @@
+import sys
+
+from vitas.cli import main
+
+sys.exit(main())

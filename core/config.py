@@ -245,9 +245,21 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _number(value: Any) -> Any:
+    """PyYAML reads `1e-3` and `1.3e9` (no dot or sign) as strings: take them as numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; int widens to float. Raises UserError."""
     origin = typing.get_origin(tp)
+    if tp in (int, float):
+        value = _number(value)
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
@@ -271,8 +283,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer() and abs(value) >= 1e3:
-            return int(value)  # YAML reads 1.3e9 as a float; a whole number is a fine int
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 1.3e9 is a float to YAML; a whole number is a fine int
     elif tp is bool or tp is str:
         if isinstance(value, tp):
             return value

@@ -1,0 +1,111 @@
+"""Checkpoint files: atomic writes, `weights_only` loads, the recorded search space checked.
+
+A training state holds only tensors and plain Python values, so every load in the project goes
+through `torch.load(..., weights_only=True)` and a pickle that would run code is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import UserError
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Any, mode: str = "wb") -> Path:
+    """Write `path` through `write(fileobj)` into a temporary sibling, fsync, then rename.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Atomically save a training state (tensors and plain values only)."""
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Atomically write an indented JSON file."""
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load with `weights_only=True`; missing files and refused pickles are UserErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise UserError(f"refusing to load {path}: not a plain-weights checkpoint ({first})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+
+
+def check_space(recorded: dict, current: dict, path: str | os.PathLike = "checkpoint") -> None:
+    """Fail, naming the first differing field, when a checkpoint's space is not the current one."""
+    for key in sorted(set(recorded) | set(current)):
+        if recorded.get(key) != current.get(key):
+            raise UserError(
+                f"{path} was trained on another search space: '{key}' is "
+                f"{recorded.get(key)!r} there but {current.get(key)!r} in this config"
+            )
+
+
+def rng_state() -> dict:
+    """The Python, NumPy and torch RNG states as tensors/plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    _, py_state, py_gauss = random.getstate()
+    state = {
+        "python": list(py_state),
+        "python_gauss": py_gauss,
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state()` captured."""
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,132 @@
+"""Search spaces: validation messages, canonical form, identity shifting, genome round trips."""
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.config import ChannelsConfig, SpaceConfig, load_config
+from core.errors import UserError
+from supernet.space import SearchSpace
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = ["autoformer-T", "autoformer-S", "autoformer-B", "deit", "vitas-deit-1.3G", "demo-digits"]
+
+
+def space(name):
+    return SearchSpace(load_config(ROOT / "yamls" / f"{name}.yaml").space)
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_sample_encode_decode_round_trip(name):
+    s, rng = space(name), random.Random(0)
+    seen = set()
+    for _ in range(300):
+        arch = s.sample(rng)
+        assert s.validate(arch) == arch
+        assert s.decode(s.encode(arch)) == arch
+        seen.add(s.key(arch))
+    assert len(seen) > 50 or name == "deit"
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_mutation_and_crossover_stay_valid(name):
+    s, gen = space(name), np.random.default_rng(0)
+    x = s.encode(s.max_arch())
+    y = s.encode(s.min_arch())
+    for _ in range(200):
+        x = s.mutate(x, gen, 0.2)
+        assert np.all((x >= s.xl) & (x <= s.xu))
+        a, b = s.crossover(x, y, gen)
+        for child in (a, b):
+            s.validate(s.decode(child))
+
+
+def test_min_max_are_valid_and_ordered():
+    s = space("autoformer-T")
+    assert s.validate(s.max_arch())["embed_dim"] == 240
+    assert s.validate(s.min_arch())["depth"] == 12
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"embed_dim": 200}, r"'embed_dim' is 200; allowed values: \[192, 216, 240\]"),
+    ({"num_heads": [3] * 11}, r"'num_heads' has 11 entries, depth is 12"),
+    ({"attn_dim": [256] + [192] * 11}, r"'attn_dim\[0\]' is 256 \(for num_heads 3\); allowed values: \[192\]"),
+    ({"mlp_dim": [100] * 12}, r"'mlp_dim\[0\]' is 100; allowed values: \[672, 768\]"),
+    ({"depth": 11}, r"'depth' is 11; allowed values: \[12, 13, 14\]"),
+    ({"color": 1}, r"unknown field"),
+])
+def test_invalid_arch_names_field(change, message):
+    s = space("autoformer-T")
+    arch = {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": [3] * 12,
+            "attn_dim": [192] * 12, "mlp_dim": [768] * 12}
+    s.validate(arch)
+    with pytest.raises(UserError, match=message):
+        s.validate({**arch, **change})
+
+
+def test_heads_must_divide_attn():
+    s = SearchSpace(SpaceConfig(img_size=32, patch_size=[4], embed_dim=[32], depth=[1],
+                                num_heads=[2, 3], attn_dim=[32, 48], mlp_dim=[64]))
+    arch = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": [3], "attn_dim": [48], "mlp_dim": [64]}
+    s.validate(arch)
+    with pytest.raises(UserError, match=r"attn_dim\[0\]' is 32 \(for num_heads 3\); allowed values: \[48\]"):
+        s.validate({**arch, "attn_dim": [32]})
+    assert all(a % h == 0 for h in (2, 3) for a in s.allowed_attn(h))
+
+
+def test_identity_shifting_many_to_one():
+    s = space("vitas-deit-1.3G")
+    layers = [(3, 96, 384), (6, 144, 576), (12, 192, 768), (16, 384, 1536)] * 2
+    canonical = None
+    for positions in ([0, 1, 2, 3], [8, 9, 10, 11], [0, 4, 7, 11]):
+        identity, it = [], iter(layers)
+        enc = {"patch_size": 16, "embed_dim": 192, "identity": [], "num_heads": [], "attn_dim": [], "mlp_dim": []}
+        for i in range(12):
+            skip = i in positions
+            h, a, m = (3, 96, 384) if skip else next(it)
+            enc["identity"].append(skip)
+            enc["num_heads"].append(h), enc["attn_dim"].append(a), enc["mlp_dim"].append(m)
+        c = s.canonical(enc)
+        assert c["depth"] == 8 and c["num_heads"] == [h for h, _, _ in layers]
+        canonical = canonical or c
+        assert c == canonical and s.key(enc) == s.key(canonical)
+
+
+def test_identity_rejected_where_space_has_none():
+    s = space("autoformer-T")
+    with pytest.raises(UserError, match="no identity layers"):
+        s.validate({**s.min_arch(), "identity": [False] * 12})
+
+
+def test_space_config_errors():
+    with pytest.raises(UserError, match="exactly one of 'head_dim'"):
+        SearchSpace(SpaceConfig(attn_dim=[64], head_dim=64, mlp_ratio=[4.0]))
+    with pytest.raises(UserError, match="does not divide"):
+        SearchSpace(SpaceConfig(patch_size=[15], head_dim=64, mlp_ratio=[4.0]))
+    with pytest.raises(UserError, match="channels.embed must be one of"):
+        SearchSpace(SpaceConfig(head_dim=64, mlp_ratio=[4.0], channels=ChannelsConfig(embed="round")))
+
+
+class FakeCost:
+    def __init__(self, arch):
+        self.macs = arch["embed_dim"] * arch["depth"]
+        self.params = 0
+
+
+def test_sample_in_range_and_infeasible():
+    s, rng = space("autoformer-T"), random.Random(0)
+    for _ in range(20):
+        a = s.sample_in_range(rng, FakeCost, macs=(216 * 13, 216 * 13))
+        assert a["embed_dim"] * a["depth"] == 216 * 13
+    with pytest.raises(UserError, match=r"no architecture has macs in \[1, 10\]"):
+        s.sample_in_range(rng, FakeCost, macs=(1, 10))
+    with pytest.raises(UserError, match="widen the range"):
+        s.sample_in_range(rng, FakeCost, macs=(192 * 12 + 1, 192 * 12 + 1), max_tries=50)
+
+
+def test_spec_mismatch_names_field():
+    a, b = space("autoformer-T"), space("autoformer-S")
+    a.check_spec(a.spec())
+    with pytest.raises(UserError, match="'embed_dim'"):
+        a.check_spec(b.spec())

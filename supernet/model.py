@@ -1,0 +1,301 @@
+"""The superformer: one weight-entangled ViT whose subnets are the architectures of a space.
+
+Mechanisms (DESIGN 3): channel policies per dimension (`supernet.channels`), a private stem
+(patch conv, class token, position embedding) per patch size with blocks shared by all patch
+sizes, q/k either entangled in one timm-style qkv (AutoFormer) or private per head count with a
+shared v (ViTAS), identity shifting through `SearchSpace.canonical`, the attention scale of the
+active head_dim, AutoFormer's 2-D relative positions, and class-token or mean pooling.
+The API follows Once-for-All: `set_active`, `sample`, `set_max`, `set_min`, `extract`.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from supernet.channels import ChannelPolicy, ChannelSet
+from supernet.layers import (ElasticConv2d, ElasticLayerNorm, ElasticLinear, RelativePosition2D,
+                             attend, merge_heads, split_heads)
+from supernet.space import SearchSpace
+from supernet.static import StaticViT, init_vit_weights
+
+
+class SuperStem(nn.Module):
+    """Private stem of one patch size: patch conv, class token and position embedding."""
+
+    def __init__(self, patch_size: int, img_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = ElasticConv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, embed_dim))
+        self.embed: Optional[ChannelSet] = None
+
+    def set_channels(self, embed: ChannelSet) -> None:
+        """Activate the residual-stream channels."""
+        self.embed = embed
+        self.proj.set_channels(embed)
+
+    def active_tensors(self) -> dict[str, torch.Tensor]:
+        """Active class token and position embedding, keyed as in StaticViT."""
+        return {"cls_token": self.embed.take(self.cls_token, 2), "pos_embed": self.embed.take(self.pos_embed, 2)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        t = self.active_tensors()
+        return torch.cat([t["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + t["pos_embed"]
+
+
+class SuperAttention(nn.Module):
+    """Elastic multi-head attention: entangled qkv or private q/k per head count + shared v."""
+
+    def __init__(self, embed_dim: int, attn_dim: int, head_choices: list[int], qk: str, qkv_bias: bool,
+                 rel_pos: bool, head_dim: Optional[int], rel_pos_max: int):
+        super().__init__()
+        self.private = qk == "private"
+        if self.private:
+            self.q = nn.ModuleDict({str(h): ElasticLinear(embed_dim, attn_dim, qkv_bias) for h in head_choices})
+            self.k = nn.ModuleDict({str(h): ElasticLinear(embed_dim, attn_dim, qkv_bias) for h in head_choices})
+            self.v = ElasticLinear(embed_dim, attn_dim, qkv_bias)
+        else:
+            self.qkv = ElasticLinear(embed_dim, 3 * attn_dim, qkv_bias, out_groups=3)
+        self.proj = ElasticLinear(attn_dim, embed_dim)
+        self.rel_pos = rel_pos
+        if rel_pos:
+            self.rel_pos_k = RelativePosition2D(head_dim, rel_pos_max)
+            self.rel_pos_v = RelativePosition2D(head_dim, rel_pos_max)
+        self.explicit = False
+        self.heads = head_choices[-1]
+        self.scale = 1.0
+
+    def set_active(self, embed: ChannelSet, attn: ChannelSet, heads: int) -> None:
+        """Activate widths and the head count (whose head_dim sets the scale)."""
+        self.heads = heads
+        self.scale = (attn.width // heads) ** -0.5
+        for lin in self._qkv_layers():
+            lin.set_channels(embed, attn)
+        self.proj.set_channels(attn, embed)
+
+    def _qkv_layers(self) -> list[ElasticLinear]:
+        if self.private:
+            return [self.q[str(self.heads)], self.k[str(self.heads)], self.v]
+        return [self.qkv]
+
+    def active_qkv(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The active fused [q; k; v] (weight, bias), as a static qkv Linear holds it."""
+        if not self.private:
+            return self.qkv.active_weight()
+        parts = [lin.active_weight() for lin in self._qkv_layers()]
+        bias = None if parts[0][1] is None else torch.cat([b for _, b in parts])
+        return torch.cat([w for w, _ in parts]), bias
+
+    def active_modules(self) -> list[nn.Module]:
+        """The submodules the active head count uses."""
+        mods: list[nn.Module] = self._qkv_layers() + [self.proj]
+        if self.rel_pos:
+            mods += [self.rel_pos_k, self.rel_pos_v]
+        return mods
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.active_qkv()
+        q, k, v = split_heads(nn.functional.linear(x, weight, bias), self.heads)
+        rel_k = rel_v = None
+        if self.rel_pos:
+            rel_k, rel_v = self.rel_pos_k(x.shape[1]), self.rel_pos_v(x.shape[1])
+        return self.proj(merge_heads(attend(q, k, v, self.scale, rel_k, rel_v, self.explicit)))
+
+
+class SuperMlp(nn.Module):
+    """Elastic fc1, GELU, fc2."""
+
+    def __init__(self, embed_dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = ElasticLinear(embed_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = ElasticLinear(hidden, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SuperBlock(nn.Module):
+    """Elastic pre-norm transformer block."""
+
+    def __init__(self, space: SearchSpace, drop_path: float):
+        super().__init__()
+        c = space.cfg
+        E = space.super_embed_dim
+        self.norm1 = ElasticLayerNorm(E)
+        self.attn = SuperAttention(E, space.super_attn_dim, space.head_choices, c.qk, c.qkv_bias,
+                                   c.rel_pos, c.head_dim, c.rel_pos_max)
+        self.norm2 = ElasticLayerNorm(E)
+        self.mlp = SuperMlp(E, space.super_mlp_dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def set_active(self, embed: ChannelSet, attn: ChannelSet, mlp: ChannelSet, heads: int) -> None:
+        """Activate this block's channel sets and head count."""
+        self.norm1.set_channels(embed)
+        self.norm2.set_channels(embed)
+        self.attn.set_active(embed, attn, heads)
+        self.mlp.fc1.set_channels(embed, mlp)
+        self.mlp.fc2.set_channels(mlp, embed)
+
+    def active_modules(self) -> list[nn.Module]:
+        """The submodules the active subnet uses."""
+        return [self.norm1, self.norm2, self.mlp] + self.attn.active_modules()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Superformer(nn.Module):
+    """Weight-entangled ViT supernet over `space` (see the module docstring)."""
+
+    def __init__(self, space: SearchSpace, num_classes: int, drop_path: float = 0.0):
+        super().__init__()
+        c = space.cfg
+        self.space = space
+        self.num_classes = num_classes
+        E = space.super_embed_dim
+        self.stems = nn.ModuleDict(
+            {str(p): SuperStem(p, c.img_size, c.in_chans, E) for p in space.patch_sizes})
+        depth = space.super_depth
+        rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [drop_path]
+        self.blocks = nn.ModuleList(SuperBlock(space, rates[i]) for i in range(depth))
+        self.norm = ElasticLayerNorm(E)
+        self.head = ElasticLinear(E, num_classes)
+        self.policies = {
+            dim: ChannelPolicy(getattr(c.channels, dim), space.super_width(dim), space.widths(dim))
+            for dim in ("embed", "attn", "mlp")
+        }
+        init_vit_weights(self)
+        self._arch: dict = {}
+        self._side = "left"
+        self.set_max()
+
+    # ------------------------------------------------------------------ activation
+    def set_active(self, arch: dict, side: str = "left") -> None:
+        """Activate `arch` (canonicalised: identities shifted to the end). `side="right"` is the
+        bilateral right pass; it changes only dimensions whose policy is `bilateral`."""
+        arch = self.space.canonical(arch)
+        embed = self.policies["embed"].select(arch["embed_dim"], side)
+        self.stems[str(arch["patch_size"])].set_channels(embed)
+        for i in range(arch["depth"]):
+            self.blocks[i].set_active(
+                embed,
+                self.policies["attn"].select(arch["attn_dim"][i], side),
+                self.policies["mlp"].select(arch["mlp_dim"][i], side),
+                arch["num_heads"][i],
+            )
+        self.norm.set_channels(embed)
+        self.head.set_channels(embed, None)
+        self._arch, self._side = arch, side
+
+    def sample(self, rng: Any, side: str = "left") -> dict:
+        """Sample an architecture from the space (`random.Random` or NumPy Generator), activate it."""
+        arch = self.space.sample(rng)
+        self.set_active(arch, side)
+        return self._arch
+
+    def set_max(self) -> None:
+        """Activate the largest subnet."""
+        self.set_active(self.space.max_arch())
+
+    def set_min(self) -> None:
+        """Activate the smallest subnet."""
+        self.set_active(self.space.min_arch())
+
+    @property
+    def active_arch(self) -> dict:
+        """The active canonical architecture (a copy)."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in self._arch.items()}
+
+    @property
+    def active_side(self) -> str:
+        """The active pass, `left` or `right`."""
+        return self._side
+
+    @property
+    def explicit_attention(self) -> bool:
+        """Whether attention is written out (forward-mode AD) instead of fused SDPA."""
+        return all(b.attn.explicit for b in self.blocks)
+
+    @explicit_attention.setter
+    def explicit_attention(self, value: bool) -> None:
+        for b in self.blocks:
+            b.attn.explicit = bool(value)
+
+    def active_modules(self) -> list[nn.Module]:
+        """Modules the active subnet uses (some only in part)."""
+        mods: list[nn.Module] = [self.stems[str(self._arch["patch_size"])], self.norm, self.head]
+        for block in self.blocks[: self._arch["depth"]]:
+            mods += block.active_modules()
+        return mods
+
+    def active_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters the active subnet touches (each once), for an optimizer that must leave the
+        others alone: the active stem, blocks and head count's q/k, norms and head."""
+        seen: set[int] = set()
+        for mod in self.active_modules():
+            for p in mod.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Active tokens after the final norm."""
+        x = self.stems[str(self._arch["patch_size"])](x)
+        for block in self.blocks[: self._arch["depth"]]:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = x[:, 0] if self.space.cfg.pool == "cls" else x[:, 1:].mean(dim=1)
+        return self.head(x)
+
+    # ------------------------------------------------------------------ extraction
+    def static_args(self, arch: dict) -> dict:
+        """StaticViT constructor arguments of `arch` in this superformer."""
+        c = self.space.cfg
+        return dict(arch=self.space.canonical(arch), num_classes=self.num_classes, img_size=c.img_size,
+                    in_chans=c.in_chans, qkv_bias=c.qkv_bias, rel_pos=c.rel_pos,
+                    rel_pos_max=c.rel_pos_max, pool=c.pool)
+
+    @torch.no_grad()
+    def extract(self, arch: Optional[dict] = None, side: Optional[str] = None) -> StaticViT:
+        """A StaticViT of `arch` (default: the active one) with COPIED weights; the active subnet
+        is left as it was. It computes what this superformer computes with `arch` active (eval)."""
+        previous = (self._arch, self._side)
+        self.set_active(arch if arch is not None else self._arch, side or self._side)
+        try:
+            static = StaticViT(**self.static_args(self._arch))
+            static.load_state_dict(self._active_state_dict())
+            static.explicit_attention = self.explicit_attention
+        finally:
+            self.set_active(*previous)
+        return static.to(self.head.weight.device).train(self.training)
+
+    def _active_state_dict(self) -> dict[str, torch.Tensor]:
+        """Active slices under StaticViT's keys, copied."""
+        stem = self.stems[str(self._arch["patch_size"])]
+        out: dict[str, Optional[torch.Tensor]] = dict(stem.active_tensors())
+        out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = stem.proj.active_weight()
+        for i, block in enumerate(self.blocks[: self._arch["depth"]]):
+            pre = f"blocks.{i}."
+            out[pre + "norm1.weight"], out[pre + "norm1.bias"] = block.norm1.active_weight()
+            out[pre + "norm2.weight"], out[pre + "norm2.bias"] = block.norm2.active_weight()
+            out[pre + "attn.qkv.weight"], out[pre + "attn.qkv.bias"] = block.attn.active_qkv()
+            out[pre + "attn.proj.weight"], out[pre + "attn.proj.bias"] = block.attn.proj.active_weight()
+            out[pre + "mlp.fc1.weight"], out[pre + "mlp.fc1.bias"] = block.mlp.fc1.active_weight()
+            out[pre + "mlp.fc2.weight"], out[pre + "mlp.fc2.bias"] = block.mlp.fc2.active_weight()
+            if block.attn.rel_pos:
+                for name in ("rel_pos_k", "rel_pos_v"):
+                    for t in ("table_v", "table_h"):
+                        out[f"{pre}attn.{name}.{t}"] = getattr(getattr(block.attn, name), t)
+        out["norm.weight"], out["norm.bias"] = self.norm.active_weight()
+        out["head.weight"], out["head.bias"] = self.head.active_weight()
+        return {k: v.detach().clone() for k, v in out.items() if v is not None}

@@ -1,0 +1,222 @@
+"""`StaticViT`: a plain ViT whose layers may differ in width and heads, registered with timm.
+
+This is what `Superformer.extract` returns and what retraining trains. Keys follow timm's
+VisionTransformer (patch_embed.proj, cls_token, pos_embed, blocks.i.{norm1, attn.qkv, attn.proj,
+norm2, mlp.fc1, mlp.fc2}, norm, head), so a uniform architecture maps onto timm one to one.
+Importing this module registers the timm model `vitas_vit`, so that
+`timm.create_model('local-dir:DIR', pretrained=True)` rebuilds an exported folder.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from supernet.layers import RelativePosition2D, attend, merge_heads, split_heads
+
+ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "attn_dim", "mlp_dim")
+
+
+def _square(img_size: Union[int, Sequence[int]]) -> int:
+    if isinstance(img_size, int):
+        return img_size
+    h, w = img_size
+    if h != w:
+        raise ValueError(f"StaticViT needs a square image size, got {tuple(img_size)}")
+    return int(h)
+
+
+def check_arch(arch: dict) -> dict:
+    """A plain-int copy of an architecture dict with consistent per-layer lists (no space needed)."""
+    missing = [k for k in ARCH_KEYS if k not in arch]
+    if missing:
+        raise ValueError(f"architecture is missing {missing}")
+    out = {k: int(arch[k]) for k in ARCH_KEYS[:3]}
+    for k in ARCH_KEYS[3:]:
+        out[k] = [int(v) for v in arch[k]]
+        if len(out[k]) != out["depth"]:
+            raise ValueError(f"architecture field '{k}' has {len(out[k])} entries, depth is {out['depth']}")
+    for i, (h, a) in enumerate(zip(out["num_heads"], out["attn_dim"])):
+        if a % h:
+            raise ValueError(f"architecture layer {i}: num_heads {h} does not divide attn_dim {a}")
+    return out
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention of width `attn_dim` on an `embed_dim` stream (timm layout)."""
+
+    def __init__(self, embed_dim: int, attn_dim: int, num_heads: int, qkv_bias: bool,
+                 rel_pos: bool, rel_pos_max: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (attn_dim // num_heads) ** -0.5
+        self.explicit = False
+        self.qkv = nn.Linear(embed_dim, 3 * attn_dim, bias=qkv_bias)
+        self.proj = nn.Linear(attn_dim, embed_dim)
+        if rel_pos:
+            self.rel_pos_k = RelativePosition2D(attn_dim // num_heads, rel_pos_max)
+            self.rel_pos_v = RelativePosition2D(attn_dim // num_heads, rel_pos_max)
+        self.rel_pos = rel_pos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        rel_k = rel_v = None
+        if self.rel_pos:
+            rel_k, rel_v = self.rel_pos_k(x.shape[1]), self.rel_pos_v(x.shape[1])
+        return self.proj(merge_heads(attend(q, k, v, self.scale, rel_k, rel_v, self.explicit)))
+
+
+class Mlp(nn.Module):
+    """fc1, GELU, fc2."""
+
+    def __init__(self, embed_dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with stochastic depth."""
+
+    def __init__(self, embed_dim: int, attn_dim: int, num_heads: int, mlp_dim: int, qkv_bias: bool,
+                 rel_pos: bool, rel_pos_max: int, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.attn = Attention(embed_dim, attn_dim, num_heads, qkv_bias, rel_pos, rel_pos_max)
+        self.norm2 = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.mlp = Mlp(embed_dim, mlp_dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches through a strided conv (timm's `patch_embed.proj`)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class StaticViT(nn.Module):
+    """A plain ViT for one architecture dict (DESIGN 2); class token always present.
+
+    `pool` is `cls` (class token after the final norm) or `mean` (final norm, then mean over the
+    patch tokens, as AutoFormer). `explicit_attention` writes attention out instead of the fused
+    SDPA kernel (forward-mode AD); relative positions always take the explicit path.
+    """
+
+    def __init__(
+        self,
+        arch: dict,
+        num_classes: int = 1000,
+        img_size: Union[int, Sequence[int]] = 224,
+        in_chans: int = 3,
+        qkv_bias: bool = True,
+        rel_pos: bool = False,
+        rel_pos_max: int = 14,
+        pool: str = "cls",
+        drop_path: float = 0.0,
+        explicit_attention: bool = False,
+    ):
+        super().__init__()
+        arch = check_arch(arch)
+        img_size = _square(img_size)
+        if img_size % arch["patch_size"]:
+            raise ValueError(f"patch_size {arch['patch_size']} does not divide img_size {img_size}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.arch = arch
+        self.model_args = dict(arch=arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
+                               qkv_bias=qkv_bias, rel_pos=rel_pos, rel_pos_max=rel_pos_max, pool=pool)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.pool = pool
+        E, depth = arch["embed_dim"], arch["depth"]
+        self.num_features = self.embed_dim = E
+        tokens = (img_size // arch["patch_size"]) ** 2 + 1
+        self.patch_embed = PatchEmbed(arch["patch_size"], in_chans, E)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, E))
+        rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [drop_path] * depth
+        self.blocks = nn.ModuleList(
+            Block(E, arch["attn_dim"][i], arch["num_heads"][i], arch["mlp_dim"][i], qkv_bias,
+                  rel_pos, rel_pos_max, rates[i])
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(E, eps=1e-6)
+        self.head = nn.Linear(E, num_classes)
+        self.explicit_attention = explicit_attention
+        init_vit_weights(self)
+
+    @property
+    def explicit_attention(self) -> bool:
+        """Whether attention is written out (True) or runs through fused SDPA (False)."""
+        return all(b.attn.explicit for b in self.blocks)
+
+    @explicit_attention.setter
+    def explicit_attention(self, value: bool) -> None:
+        for b in self.blocks:
+            b.attn.explicit = bool(value)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the final norm, (B, 1 + patches, embed_dim)."""
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool the normed tokens and classify."""
+        x = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def init_vit_weights(model: nn.Module) -> None:
+    """timm's ViT initialisation: trunc-normal(0.02) linears and position embeddings."""
+    for name, p in model.named_parameters():
+        if name.endswith("pos_embed"):
+            nn.init.trunc_normal_(p, std=0.02)
+        elif name.endswith("cls_token"):
+            nn.init.normal_(p, std=1e-6)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+default_cfgs = generate_default_cfgs({
+    "vitas_vit": {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head",
+    },
+})
+
+
+@register_model
+def vitas_vit(pretrained: bool = False, **kwargs) -> StaticViT:
+    """timm entry point of `StaticViT` (kwargs are its constructor arguments, `arch` included)."""
+    return build_model_with_cfg(StaticViT, "vitas_vit", pretrained, **kwargs)

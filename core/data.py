@@ -1,0 +1,223 @@
+"""Folder data sets (ImageNet layout) through timm, the hold-out split, and the digits data set.
+
+`root/train/<class>/*` and `root/val/<class>/*`; class indices come from the sorted class folders of
+`train/` so every split agrees. Architectures are scored on a hold-out of `data.holdout_per_class`
+images per class taken from (and removed from) `train/`; `val/` is kept for final accuracy.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import Mixup, create_dataset, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils.misc import natural_key
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from core import dist
+from core.config import DataConfig
+from core.errors import UserError
+
+SPLITS = ("train", "val")
+
+
+def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0) -> dict:
+    """Write scikit-learn's digits as 32x32 RGB PNGs in `root/{train,val}/<class>/` (atomically).
+
+    The split is stratified and fixed by `seed`; a second run writes byte-identical files.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val fraction must be between 0 and 1, got {val_fraction}")
+    root = Path(root).expanduser().absolute()
+    if root.exists() and not (root.is_dir() and _is_digits_tree(root)):
+        raise UserError(f"{root} exists and is not a digits data set; choose a new folder")
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    index = np.arange(len(pixels))
+    train_idx, val_idx = train_test_split(index, test_size=val_fraction, random_state=seed,
+                                          stratify=digits.target)
+    tmp = root.parent / f".{root.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+    try:
+        for split, ids in (("train", train_idx), ("val", val_idx)):
+            for i in sorted(ids):
+                folder = tmp / split / str(digits.target[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                big = np.kron(pixels[i], np.ones((4, 4), dtype=np.uint8))  # nearest 8 -> 32
+                Image.fromarray(np.stack([big] * 3, axis=-1)).save(folder / f"{i:04d}.png")
+        if root.exists():
+            old = root.parent / f".{root.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            root.rename(old)
+            tmp.rename(root)
+            shutil.rmtree(old)
+        else:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"train": len(train_idx), "val": len(val_idx)}
+
+
+def _is_digits_tree(root: Path) -> bool:
+    """An empty folder or an earlier `write_digits` output (which may safely be replaced)."""
+    for path in root.rglob("*"):
+        parts = path.relative_to(root).parts
+        if parts[0] not in SPLITS or (len(parts) > 1 and not parts[1].isdigit()):
+            return False
+        if len(parts) > 3 or (len(parts) == 3 and path.suffix != ".png"):
+            return False
+    return True
+
+
+def split_dir(data_cfg: DataConfig, split: str) -> Path:
+    """`data.root/<split>`, or a UserError naming `data.root` when it is missing."""
+    if not data_cfg.root:
+        raise UserError("config key 'data.root' is not set")
+    root = Path(data_cfg.root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data.root: directory not found: {root}")
+    path = root / split
+    if not path.is_dir():
+        raise UserError(f"data.root: {root} has no '{split}/' folder (expected train/ and val/)")
+    return path
+
+
+def class_names(data_cfg: DataConfig) -> list[str]:
+    """Class folder names of `data.root/train`, in timm's (natural) order."""
+    train = split_dir(data_cfg, "train")
+    names = sorted((p.name for p in train.iterdir() if p.is_dir()), key=natural_key)
+    if not names:
+        raise UserError(f"data.root: {train} holds no class folders")
+    return names
+
+
+def num_classes(data_cfg: DataConfig) -> int:
+    """`data.num_classes` if set, else the number of class folders in `data.root/train`."""
+    return data_cfg.num_classes or len(class_names(data_cfg))
+
+
+def build_transform(data_cfg: DataConfig, img_size: int, is_training: bool):
+    """timm's train (RandAugment, random erasing, ...) or eval (resize + center crop) pipeline."""
+    if not is_training:
+        return create_transform(img_size, is_training=False, interpolation=data_cfg.interpolation,
+                                mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
+                                crop_pct=data_cfg.crop_pct)
+    return create_transform(
+        img_size, is_training=True, auto_augment=data_cfg.auto_augment or None,
+        re_prob=data_cfg.reprob, color_jitter=data_cfg.color_jitter,
+        interpolation=data_cfg.interpolation, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
+        scale=tuple(data_cfg.scale), hflip=data_cfg.hflip,
+    )
+
+
+def build_dataset(data_cfg: DataConfig, split: str, img_size: int, is_training: bool) -> Dataset:
+    """timm folder data set of `data.root/<split>` with the train or eval transform."""
+    path = split_dir(data_cfg, split)
+    class_map = {name: i for i, name in enumerate(class_names(data_cfg))}
+    dataset = create_dataset("", root=str(path), split=split, search_split=False,
+                             class_map=class_map,
+                             transform=build_transform(data_cfg, img_size, is_training))
+    if len(dataset) == 0:
+        raise UserError(f"data.root: no images found in {path}")
+    return dataset
+
+
+def targets(dataset: Dataset) -> list[int]:
+    """Class index of every sample of a timm folder data set, without decoding images."""
+    return [int(t) for _, t in dataset.reader.samples]
+
+
+def split_train_holdout(dataset: Dataset, per_class: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train, hold-out) indices: `per_class` random images of every class go to the hold-out."""
+    labels = np.asarray(targets(dataset))
+    rng = np.random.default_rng(seed)
+    holdout: list[int] = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        if len(members) <= per_class:
+            raise UserError(f"data.holdout_per_class={per_class} leaves no training images of "
+                            f"class {cls} ({len(members)} images)")
+        holdout.extend(rng.choice(members, size=per_class, replace=False).tolist())
+    held = set(holdout)
+    return [i for i in range(len(labels)) if i not in held], sorted(holdout)
+
+
+class Splits(NamedTuple):
+    """Training set (augmented, hold-out removed), hold-out and val (both non-augmented)."""
+
+    train: Dataset
+    holdout: Dataset
+    val: Dataset
+
+
+def build_splits(data_cfg: DataConfig, img_size: int) -> Splits:
+    """The three data sets every stage uses, with the hold-out fixed by `data.split_seed`."""
+    train_aug = build_dataset(data_cfg, "train", img_size, is_training=True)
+    train_plain = build_dataset(data_cfg, "train", img_size, is_training=False)
+    train_idx, holdout_idx = split_train_holdout(train_plain, data_cfg.holdout_per_class,
+                                                 data_cfg.split_seed)
+    return Splits(Subset(train_aug, train_idx), Subset(train_plain, holdout_idx),
+                  build_dataset(data_cfg, "val", img_size, is_training=False))
+
+
+class ShardSampler(Sampler[int]):
+    """Every `world`-th index from `rank`, without padding, so evaluation counts each image once."""
+
+    def __init__(self, length: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, length, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Same order every epoch (for the same interface as DistributedSampler)."""
+
+
+def create_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
+                  drop_last: bool = False, workers: int = 2, distributed: bool = True) -> DataLoader:
+    """DataLoader over `dataset` with `batch_size` images per process.
+
+    Shuffling goes through a DistributedSampler (seed + `loader.sampler.set_epoch(e)`, also for a
+    single process) so an epoch's order is reproducible. Across processes without shuffling and
+    without drop_last (evaluation), each process reads a disjoint, unpadded shard.
+    """
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    if shuffle or drop_last:
+        sampler: Sampler = DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                              shuffle=shuffle, seed=seed, drop_last=drop_last)
+    else:
+        sampler = ShardSampler(len(dataset), rank, world)
+    generator = torch.Generator().manual_seed(seed + rank)  # seeds the workers' RNGs
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=drop_last, generator=generator,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def create_mixup(data_cfg: DataConfig, num_classes: int) -> Optional[Mixup]:
+    """timm's Mixup/CutMix (with label smoothing) or None when both alphas are 0."""
+    if data_cfg.mixup <= 0 and data_cfg.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=data_cfg.mixup, cutmix_alpha=data_cfg.cutmix,
+                 prob=data_cfg.mixup_prob, switch_prob=data_cfg.mixup_switch_prob, mode="batch",
+                 label_smoothing=data_cfg.smoothing, num_classes=num_classes)
+
+
+def create_loss(data_cfg: DataConfig, mixup_active: bool) -> torch.nn.Module:
+    """Soft-target CE after Mixup (smoothing is in the targets), else label-smoothing or plain CE."""
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    if data_cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=data_cfg.smoothing)
+    return torch.nn.CrossEntropyLoss()

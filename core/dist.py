@@ -53,7 +53,7 @@ def export_env() -> None:
         from submitit.helpers import TorchDistributedEnvironment
 
         # Keep CUDA_VISIBLE_DEVICES: Slurm may already have given each task its own GPU.
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     elif "SLURM_PROCID" in os.environ and "SLURM_JOB_ID" in os.environ:
         for key, value in _slurm_env().items():
             os.environ.setdefault(key, value)

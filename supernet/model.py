@@ -162,7 +162,7 @@ class Superformer(nn.Module):
         self.stems = nn.ModuleDict(
             {str(p): SuperStem(p, c.img_size, c.in_chans, E) for p in space.patch_sizes})
         depth = space.super_depth
-        rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [drop_path]
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(SuperBlock(space, rates[i]) for i in range(depth))
         self.norm = ElasticLayerNorm(E)
         self.head = ElasticLinear(E, num_classes)

@@ -151,7 +151,7 @@ class StaticViT(nn.Module):
         self.patch_embed = PatchEmbed(arch["patch_size"], in_chans, E)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, E))
-        rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [drop_path] * depth
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(E, arch["attn_dim"][i], arch["num_heads"][i], arch["mlp_dim"][i], qkv_bias,
                   rel_pos, rel_pos_max, rates[i])

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from core.dist import broadcast_object
 from core.errors import UserError
 from supernet.space import SearchSpace
 
@@ -107,7 +108,8 @@ class Scorer:
             if key not in self.cache and key not in todo:
                 todo[key] = self.space.canonical(arch)
         if todo:
-            results = self.compute_fn(list(todo.values()))
+            # Rank 0's numbers everywhere: every rank then takes the same search path.
+            results = broadcast_object(self.compute_fn(list(todo.values())))
             if len(results) != len(todo):
                 raise RuntimeError(f"scorer {self.name} returned {len(results)} results for {len(todo)} archs")
             for key, metrics in zip(todo, results):

@@ -27,9 +27,11 @@ class Cost(NamedTuple):
 
 
 def arch_cost(arch: dict, space: SearchSpace, num_classes: int) -> Cost:
-    """Cost of `arch` in `space` with a `num_classes`-way head. `arch` is validated (UserError
-    naming the field) and canonicalised, so identity encodings are accepted."""
-    arch = space.canonical(arch)
+    """Cost of a valid `arch` of `space` with a `num_classes`-way head. Identity encodings are
+    canonicalised; other architectures are taken as given (validate user input first with
+    `space.validate`), which keeps this at well over 10,000 architectures per second."""
+    if "identity" in arch:
+        arch = space.canonical(arch)
     c = space.cfg
     patch, E = arch["patch_size"], arch["embed_dim"]
     patches = (c.img_size // patch) ** 2

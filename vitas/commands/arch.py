@@ -85,5 +85,6 @@ def _cost(args: argparse.Namespace) -> None:
     from supernet.space import SearchSpace
 
     cfg = config_from_args(args)
-    cost = arch_cost(read_arch(args.arch), SearchSpace(cfg.space), num_classes(cfg))
+    space = SearchSpace(cfg.space)
+    cost = arch_cost(space.validate(read_arch(args.arch)), space, num_classes(cfg))
     print(json.dumps({"params": cost.params, "macs": cost.macs}))

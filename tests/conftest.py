@@ -1,0 +1,27 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+
+# --- Slurm: tests that need a running cluster (slurm/local-cluster.sh start) ------------------
+@pytest.fixture
+def slurm_cluster() -> None:
+    """Skip unless a Slurm cluster answers; under VITAS_REQUIRE_SLURM=1 (CI) fail instead."""
+    reason = None
+    if shutil.which("sbatch") is None:
+        reason = "sbatch is not on PATH"
+    else:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                              timeout=30, check=False)
+        if proc.returncode != 0 or not {"idle", "mixed", "allocated"} & set(proc.stdout.split()):
+            reason = f"no usable Slurm node (sinfo: {(proc.stdout + proc.stderr).strip()!r})"
+    if reason is None:
+        return
+    if os.environ.get("VITAS_REQUIRE_SLURM") == "1":
+        pytest.fail(f"VITAS_REQUIRE_SLURM=1 but {reason}; run `bash slurm/local-cluster.sh start`")
+    pytest.skip(reason)

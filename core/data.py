@@ -123,7 +123,7 @@ def build_dataset(data_cfg: DataConfig, split: str, img_size: int, is_training: 
     """timm folder data set of `data.root/<split>` with the train or eval transform."""
     path = split_dir(data_cfg, split)
     class_map = {name: i for i, name in enumerate(class_names(data_cfg))}
-    dataset = create_dataset("", root=str(path), split=split, search_split=False,
+    dataset = create_dataset("", root=str(path), search_split=False,
                              class_map=class_map,
                              transform=build_transform(data_cfg, img_size, is_training))
     if len(dataset) == 0:
@@ -186,7 +186,8 @@ class ShardSampler(Sampler[int]):
 
 
 def create_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
-                  drop_last: bool = False, workers: int = 2, distributed: bool = True) -> DataLoader:
+                  drop_last: bool = False, workers: int = 2,
+                  distributed: bool = True) -> DataLoader:
     """DataLoader over `dataset` with `batch_size` images per process.
 
     Shuffling goes through a DistributedSampler (seed + `loader.sampler.set_epoch(e)`, also for a
@@ -215,7 +216,7 @@ def create_mixup(data_cfg: DataConfig, num_classes: int) -> Optional[Mixup]:
 
 
 def create_loss(data_cfg: DataConfig, mixup_active: bool) -> torch.nn.Module:
-    """Soft-target CE after Mixup (smoothing is in the targets), else label-smoothing or plain CE."""
+    """Soft-target CE after Mixup (smoothing is in its targets), else label-smoothing/plain CE."""
     if mixup_active:
         return SoftTargetCrossEntropy()
     if data_cfg.smoothing > 0:

@@ -33,7 +33,7 @@ def _slurm_env() -> dict[str, str]:
     from submitit.slurm.slurm import SlurmJobEnvironment
 
     job = SlurmJobEnvironment()
-    # `srun` sets the step's task count; the batch script itself is one process whatever --ntasks says.
+    # `srun` sets the step's task count; a batch script is one process whatever --ntasks says.
     world = os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))
     port = os.environ.get("MASTER_PORT", str(20000 + int(job.job_id.split("_")[0]) % 40000))
     return {

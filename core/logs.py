@@ -63,7 +63,7 @@ class RunLogger:
 
 
 class PlainProgress:
-    """Iterates like tqdm but prints `desc: i/total (pct%) rate it/s [postfix]` every `every` items."""
+    """Iterates like tqdm; prints `desc: i/total (pct%) rate it/s [postfix]` every `every` items."""
 
     def __init__(self, iterable: Iterable, total: Optional[int], desc: str, every: int,
                  stream: Any = None) -> None:
@@ -90,7 +90,9 @@ class PlainProgress:
 
     def _line(self, count: int, start: float) -> None:
         rate = count / max(time.perf_counter() - start, 1e-9)
-        done = f"{count}/{self.total} ({100 * count / self.total:.0f}%)" if self.total else str(count)
+        done = str(count)
+        if self.total:
+            done = f"{count}/{self.total} ({100 * count / self.total:.0f}%)"
         print(f"{self.desc}: {done} {rate:.1f} it/s {self.postfix}".rstrip(), file=self.stream,
               flush=True)
 

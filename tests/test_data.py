@@ -1,4 +1,4 @@
-"""Data: the digits writer (complete, deterministic, atomic), hold-out split, timm loaders, errors."""
+"""Data: digits writer (complete, deterministic, atomic), hold-out split, timm loaders, errors."""
 import hashlib
 import json
 import subprocess
@@ -186,8 +186,9 @@ def test_cli(tmp_path, digits, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "x.txt").write_text("x")
     assert main(["data", "digits", str(tmp_path / "mine")]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"vitas: error: {tmp_path / 'mine'} exists and is not a digits data set; choose a new folder"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"vitas: error: {tmp_path / 'mine'} "
+                                                           "exists and is not a digits data set; "
+                                                           "choose a new folder"]
 
 
 def test_cli_missing_root_exits_2(tmp_path):

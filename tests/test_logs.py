@@ -1,5 +1,5 @@
-"""Run logs: log.jsonl + TensorBoard scalars from the main rank only; tqdm on a terminal, plain lines
-in a log; the logging set-up."""
+"""Run logs: log.jsonl + TensorBoard scalars from the main rank only; tqdm on a terminal, plain
+lines in a log; the logging set-up."""
 import fcntl
 import json
 import logging

@@ -39,5 +39,6 @@ def _check(args: argparse.Namespace) -> None:
     from core.data import build_dataset, class_names
 
     cfg = DataConfig(root=args.dir)
-    counts = {split: len(build_dataset(cfg, split, 32, is_training=False)) for split in ("train", "val")}
+    counts = {split: len(build_dataset(cfg, split, 32, is_training=False))
+              for split in ("train", "val")}
     print(json.dumps({"root": args.dir, "classes": len(class_names(cfg)), **counts}))

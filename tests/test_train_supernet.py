@@ -1,0 +1,264 @@
+"""Superformer training in one process: sampling plans, the global-batch sampler, optimizer hygiene
+(parameters a step does not use stay bit-identical), outputs, a space mismatch on resume, and a run
+killed with SIGKILL at three random steps that ends bitwise equal to an uninterrupted run.
+
+The helpers here (tiny space, tiny digits subset, YAML writer) are shared with test_train_ddp.py
+and test_train_slurm.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from core.checkpoint import load_checkpoint
+from core.config import config_from_dict
+from core.data import write_digits
+from core.engine import GlobalBatchSampler, Trainer
+from supernet.model import Superformer
+from supernet.space import SearchSpace
+from supernet.train import step_passes, validation_archs
+from vitas.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_SPACE: dict[str, Any] = {
+    "name": "tiny", "img_size": 32, "patch_size": [8, 16], "embed_dim": [16, 24],
+    "depth": [1, 2], "identity": True, "num_heads": [1, 2], "attn_dim": [16, 24],
+    "mlp_dim": [16, 32], "qk": "private", "channels": {"embed": "cyclic", "attn": "left", "mlp": "left"},
+}
+NO_AUGMENT: dict[str, Any] = {
+    "auto_augment": None, "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "hflip": 0.0,
+    "color_jitter": 0.0, "scale": [1.0, 1.0], "smoothing": 0.0,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits subset in the ImageNet layout: 12 train and 4 val images per class."""
+    base = tmp_path_factory.mktemp("digits")
+    write_digits(base / "full")
+    root = base / "tiny"
+    for split, keep in (("train", 12), ("val", 4)):
+        for cls in sorted((base / "full" / split).iterdir()):
+            (root / split / cls.name).mkdir(parents=True)
+            for png in sorted(cls.iterdir())[:keep]:
+                shutil.copy(png, root / split / cls.name / png.name)
+    return root
+
+
+def tiny_config(out: Path, data_root: Path, augment: bool = False, **supernet: Any) -> dict:
+    """A config tree training the tiny space on `data_root`: 100 train images (2 per class held
+    out), global batch 20, so 5 steps per epoch."""
+    data = {"root": str(data_root), "holdout_per_class": 2, "workers": 0, "interpolation": "bilinear",
+            "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+    if not augment:
+        data.update(NO_AUGMENT)
+    sec = {"epochs": 2, "batch_size": 20, "sampling": "sandwich", "lr": 2e-3, "warmup_epochs": 1,
+           "drop_path": 0.0, "amp": False, "val_random_archs": 1, "log_every_steps": 1,
+           "save_every_steps": 0, "seed": 3}
+    sec.update(supernet)
+    return {"output_dir": str(out), "space": TINY_SPACE, "data": data, "supernet": sec,
+            "launch": {"executor": "local"}}
+
+
+def tiny_space(**changes: Any) -> SearchSpace:
+    return SearchSpace(config_from_dict({"space": {**TINY_SPACE, **changes}}).space)
+
+
+def write_yaml(tree: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def train_env() -> dict[str, str]:
+    """Environment of a training subprocess: one thread per process (fixed, deterministic)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vitas", *args]
+
+
+def state_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """Model, EMA and optimizer tensors of a last.pth, flattened, for bitwise comparison."""
+    out = {f"model.{k}": v for k, v in state["model"].items()}
+    if state.get("ema"):
+        out.update({f"ema.{k}": v for k, v in state["ema"].items()})
+    for pid, slots in state["optimizer"]["state"].items():
+        out.update({f"opt.{pid}.{k}": v for k, v in slots.items() if torch.is_tensor(v)})
+    return out
+
+
+# ----------------------------------------------------------------------------- unit tests
+def test_step_passes_per_mode_and_deterministic() -> None:
+    space = tiny_space(channels={"embed": "left", "attn": "bilateral", "mlp": "left"})
+    names = {mode: [(p.name, p.side) for p in step_passes(space, mode, 0, 5)]
+             for mode in ("autoslim", "bcnet", "sandwich")}
+    assert names == {"autoslim": [("rand", "left")], "bcnet": [("left", "left"), ("right", "right")],
+                     "sandwich": [("max", "left"), ("min", "left"), ("rand", "left")]}
+    sandwich = step_passes(space, "sandwich", 0, 5)
+    assert sandwich[0].arch == space.max_arch() and sandwich[1].arch == space.min_arch()
+    bc = step_passes(space, "bcnet", 0, 5)
+    assert bc[0].arch == bc[1].arch
+    # Same (seed, step) -> same subnets; steps differ; uniform takes both sides of a bilateral space.
+    assert step_passes(space, "uniform", 0, 7) == step_passes(space, "uniform", 0, 7)
+    uniform = [step_passes(space, "uniform", 0, s)[0] for s in range(40)]
+    assert len({space.key(p.arch) for p in uniform}) > 10
+    assert {p.side for p in uniform} == {"left", "right"}
+    assert validation_archs(space, 2, 0) == validation_archs(space, 2, 0)
+
+
+def test_global_batch_sampler_slices_and_resume() -> None:
+    one = GlobalBatchSampler(50, 8, rank=0, world_size=1, seed=1)
+    halves = [GlobalBatchSampler(50, 8, rank=r, world_size=2, seed=1) for r in range(2)]
+    for s in (one, *halves):
+        s.set_epoch(3)
+    batches = list(one)
+    assert len(batches) == one.steps_per_epoch == 6 and len({i for b in batches for i, _ in b}) == 48
+    assert [a + b for a, b in zip(*(list(h) for h in halves))] == batches  # same global batch
+    one.set_epoch(3, start_step=4)
+    assert list(one) == batches[4:] and len(one) == 2
+    one.set_epoch(4)
+    assert list(one) != batches  # a new order each epoch
+    with pytest.raises(Exception, match="divisible"):
+        GlobalBatchSampler(50, 9, rank=0, world_size=2)
+
+
+def test_unused_parameters_stay_bit_identical(tmp_path: Path) -> None:
+    """A step on a small subnet: parameters it never touches (other stem, other head count's q/k,
+    the second block) keep grad None and exact values under AdamW with weight decay."""
+    space = tiny_space()
+    model = Superformer(space, 10)
+    cfg = config_from_dict(tiny_config(tmp_path, tmp_path, weight_decay=0.5, lr=0.1, warmup_epochs=0,
+                                       clip_grad=1.0))
+    trainer = Trainer(model, cfg.supernet, 5, tmp_path, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    arch = {"patch_size": 16, "embed_dim": 16, "depth": 1, "num_heads": [1], "attn_dim": [16],
+            "mlp_dim": [16]}
+    model.set_active(arch)
+    used = {id(p) for p in model.active_parameters()}
+    for _ in range(2):  # the second step also has AdamW state for the used parameters
+        loss = torch.nn.functional.cross_entropy(trainer.wrapped(torch.randn(4, 3, 32, 32)),
+                                                 torch.tensor([0, 1, 2, 3]))
+        trainer.backward(loss)
+        trainer.step()
+    unused = [n for n, p in model.named_parameters() if id(p) not in used]
+    assert any(n.startswith("stems.8.") for n in unused) and any(n.startswith("blocks.1.") for n in unused)
+    assert any(".attn." in n and n.startswith("blocks.0.") for n in unused)  # other head count's q/k
+    params = dict(model.named_parameters())
+    for name in unused:
+        assert params[name].grad is None and torch.equal(params[name], before[name]), name
+    assert all(not torch.equal(params[n], before[n]) for n in params if n not in unused
+               and n.endswith("weight") and "norm" not in n)
+
+
+# ----------------------------------------------------------------------------- whole runs
+def run_cli(yaml_path: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cli("train-supernet", "-c", str(yaml_path), *overrides), cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def logged_steps(log: Path) -> int:
+    if not log.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def kill_at(yaml_path: Path, log: Path, step: int, timeout: float = 180) -> None:
+    """Start the training command and SIGKILL it once it has logged `step` (or later)."""
+    proc = subprocess.Popen(cli("train-supernet", "-c", str(yaml_path)), cwd=ROOT, env=train_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while logged_steps(log) < step:
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, f"step {step} not reached in {timeout}s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
+def test_sigkill_at_three_random_steps_resumes_bitwise(tmp_path: Path, tiny_digits: Path) -> None:
+    """With augmentation, Mixup, drop path, EMA and distillation on, killed three times and started
+    again with the same command, the run ends with exactly the weights of an uninterrupted one."""
+    tree = tiny_config(tmp_path / "straight", tiny_digits, augment=True, save_every_steps=1,
+                       deterministic=True, ema=True, ema_decay=0.9, distill=True, drop_path=0.1)
+    tree["data"]["mixup"] = 0.8  # RandAugment, random erasing, Mixup and CutMix all on
+    # Magnitude capped at 9: at 10 timm's increasing posterize keeps 0 bits, which Pillow >= 11 refuses.
+    tree["data"]["auto_augment"] = "rand-m9-mstd0.5-inc1-mmax9"
+    straight = write_yaml(tree, tmp_path / "straight.yaml")
+    killed = write_yaml({**tree, "output_dir": str(tmp_path / "killed")}, tmp_path / "killed.yaml")
+
+    done = run_cli(straight)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = sorted(random.Random(os.getpid()).sample(range(1, 10), 3))
+    log = tmp_path / "killed" / "supernet" / "log.jsonl"
+    for step in steps:
+        kill_at(killed, log, step)
+    resumed = run_cli(killed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+
+    a = load_checkpoint(tmp_path / "straight" / "supernet" / "last.pth")
+    b = load_checkpoint(tmp_path / "killed" / "supernet" / "last.pth")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 10)
+    ta, tb = state_tensors(a), state_tensors(b)
+    assert ta.keys() == tb.keys()
+    differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differ, f"killed at steps {steps}: {differ[:5]}"
+    assert not list((tmp_path / "killed" / "supernet").glob(".last.pth.*"))  # no torn temporaries
+
+    # Started once more, a finished run trains nothing and reports the same numbers.
+    again = run_cli(killed)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["steps"] == 10
+    assert torch.equal(load_checkpoint(tmp_path / "killed" / "supernet" / "last.pth")["model"]["head.weight"],
+                       b["model"]["head.weight"])
+
+
+def test_outputs_and_space_mismatch(tmp_path: Path, tiny_digits: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    """One epoch of uniform sampling in-process: the files other stages read; then the same
+    output_dir with another space fails with one line naming the field (exit 2)."""
+    cfg_path = write_yaml(tiny_config(tmp_path, tiny_digits, epochs=1, sampling="uniform", ema=True),
+                          tmp_path / "c.yaml")
+    assert main(["train-supernet", "-c", str(cfg_path)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = tmp_path / "supernet"
+    summary = json.loads((out / "summary.json").read_text())
+    assert report["max_top1"] == summary["max_top1"] and 0.0 <= summary["min_top1"] <= 100.0
+    assert summary["val"]["max"]["images"] == 40 and summary["epochs"] == 1 and summary["steps"] == 5
+    state = load_checkpoint(out / "last.pth")
+    assert {"model", "ema", "config", "space", "epoch", "step", "optimizer", "scheduler", "rng",
+            "num_classes"} <= state.keys()
+    space = tiny_space()
+    assert state["space"] == space.spec() and state["config"]["supernet"]["sampling"] == "uniform"
+    Superformer(space, state["num_classes"]).load_state_dict(state["model"])  # strict
+    assert yaml.safe_load((out / "config.yaml").read_text())["supernet"]["epochs"] == 1
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/lr"} <= logged[0].keys() and "val/max_top1" in logged[-1]
+    assert "val_ema/max_top1" in logged[-1] and list(out.glob("events.out.tfevents.*"))
+
+    assert main(["train-supernet", "-c", str(cfg_path), "space.embed_dim=[16,32]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "embed_dim" in err[0] and err[0].startswith("vitas: error:")
+    assert main(["train-supernet", "-c", str(cfg_path), "supernet.sampling=random"]) == 2
+    assert "supernet.sampling" in capsys.readouterr().err

@@ -44,8 +44,9 @@ def retrain_config(cfg: Config, arch_path: Path) -> dict:
 
 
 def plot_pareto(records: Sequence[dict], front: Sequence[dict], chosen: Optional[dict],
-                cost: str, metric: str, path: Path) -> None:
-    """Score vs cost of every scored architecture, the Pareto front as a line, the choice starred."""
+                cost: str, metric: str, path: Path, bounds: Sequence[Optional[int]] = ()) -> None:
+    """Score vs cost of every scored architecture, the Pareto front as a line, the choice starred,
+    the budget's bounds on the cost as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,6 +60,9 @@ def plot_pareto(records: Sequence[dict], front: Sequence[dict], chosen: Optional
     if chosen is not None:
         ax.scatter([chosen[cost]], [chosen[metric]], marker="*", s=220, c="tab:red", zorder=5,
                    label="chosen")
+    for bound in bounds:
+        if bound is not None:
+            ax.axvline(bound, ls="--", c="tab:green", lw=1)
     ax.set_xlabel(cost.upper() if cost == "macs" else cost)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -80,8 +84,9 @@ def write_outputs(out_dir: Path, cfg: Config, result: dict, plot_metric: str) ->
     def flat(r: dict) -> dict:
         return {**r, **r["scores"], "fitness": r.get("fitness")}
 
+    primary = result["budget"]["primary"]
     plot_pareto([flat(r) for r in scored], [flat(r) for r in result["pareto_front"]], flat(chosen),
-                result["budget"]["primary"], plot_metric, out_dir / "pareto.png")
+                primary, plot_metric, out_dir / "pareto.png", result["budget"][primary])
     atomic_write(out_dir / "retrain.yaml",
                  lambda f: yaml.safe_dump(retrain_config(cfg, arch_path), f, sort_keys=False), mode="w")
     write_json(json_safe(result), out_dir / "result.json")

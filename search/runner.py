@@ -107,7 +107,7 @@ def search(cfg: Config, scorer: Scorer, cost_fn: Callable[[dict], Any]) -> dict:
     sig = signature(cfg, space)
     if dist.is_main():
         save_config(cfg, out / "config.yaml")
-    if state_path.is_file():
+    if dist.broadcast_object(state_path.is_file()):  # rank 0 decides: all ranks take one path
         _resume(searcher, load_checkpoint(state_path), sig, state_path)
         log.info("search: continuing from %s (%s)", state_path, _position(searcher))
     elif isinstance(searcher, Evolution):

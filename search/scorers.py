@@ -5,8 +5,13 @@ architecture is evaluated once per search), ranks a set of records by `fitness` 
 relative to all records given, e.g. a rank sum) and names the `reward_terms` RL differentiates.
 A record with `"valid": False` is never chosen and always gets the worst fitness.
 
-Concrete scorers are resolved by name (`SCORERS`), so that this interface module imports none of
-them: `accuracy` (inherited top-1, `search.evaluate.AccuracyScorer`) and `proxy` (training-free,
+A concrete scorer subclasses `Scorer`, is built as `Cls(cfg)` from the whole config (calling
+`super().__init__(space_from_config(cfg))`), and implements `compute(archs)`: every rank calls it
+with the same list, and rank 0's results are broadcast, so all ranks follow the same search.
+Records handed to `fitness` are flat dicts holding at least the scorer's metrics (the search adds
+`arch`, `macs`, `params`, ...); only feasible, scored records are passed. Scorers are resolved by
+name (`SCORERS`), so that this interface module imports none of them: `accuracy` (inherited
+top-1, `search.evaluate.AccuracyScorer`) and `proxy` (training-free,
 `search.proxy_scorer.ProxyScorer`).
 """
 from __future__ import annotations

@@ -1,0 +1,35 @@
+"""`vitas proxy -c CONFIG --arch FILE_OR_JSON`: As-ViT's training-free proxies of one architecture."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from vitas.commands._common import add_config_args, config_from_args
+from vitas.commands.arch import read_arch
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `vitas proxy`."""
+    parser = subparsers.add_parser(
+        "proxy", help="training-free proxies of an architecture (L^E, NTK condition, curvature)",
+        description="Length distortion L^E, NTK condition number and curvature of an architecture "
+        "of the config's space at initialisation (As-ViT; options under proxy.*, see "
+        "docs/PROXIES.md). The NTK uses proxy.ntk_images training images of data.root. The last "
+        'line of stdout is {"length_distortion", "ntk_condition", "curvature", "valid"}.')
+    add_config_args(parser)
+    parser.add_argument("--arch", required=True, metavar="FILE_OR_JSON", help="arch.json or inline JSON")
+    parser.set_defaults(func=_proxy)
+
+
+def _proxy(args: argparse.Namespace) -> None:
+    from search.proxies import check_proxy_config, ntk_batch, proxy_scores, proxy_superformer
+    from supernet.space import space_from_config
+
+    cfg = config_from_args(args)
+    check_proxy_config(cfg.proxy)
+    arch = space_from_config(cfg).validate(read_arch(args.arch))
+    scores = proxy_scores(proxy_superformer(cfg), arch, ntk_batch(cfg), cfg.proxy)
+    print(f"architecture: {json.dumps(arch)}")
+    print(f"  L^E {scores['length_distortion']:.6g}  kappa {scores['ntk_condition']}  "
+          f"curvature {scores['curvature']}  valid {scores['valid']}")
+    print(json.dumps(scores))

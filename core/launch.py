@@ -186,30 +186,47 @@ def submit_array(cfg: Config, entry: str, items: Sequence[Any],
 _ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                         "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING",
                         "STAGE_OUT", "RESV_DEL_HOLD"}
+# Pending reasons under which a job never starts: it asks more than the partition has.
+_IMPOSSIBLE_REASONS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit",
+                       "BadConstraints"}
 
 
-def _slurm_active(job_id: str) -> bool:
-    """Whether Slurm still holds the job (queued, running or requeued): read from squeue."""
-    proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+def _slurm_state(job_id: str) -> tuple[str, str]:
+    """(state, pending reason) from squeue; ("", "") once Slurm has forgotten the job."""
+    proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T %r"],
                           capture_output=True, text=True, check=False)
-    return proc.returncode == 0 and bool(set(proc.stdout.split()) & _ACTIVE_SLURM_STATES)
+    fields = proc.stdout.split() if proc.returncode == 0 else []
+    return (fields[0], fields[1] if len(fields) > 1 else "") if fields else ("", "")
+
+
+def _results_written(job: submitit.Job) -> bool:
+    """Every task of the job has written its result (or error) file."""
+    return all(job.task(i).paths.result_pickle.exists() for i in range(job.num_tasks))
 
 
 def wait_result(job: submitit.Job, timeout_s: float | None = None, poll_s: float = 1.0) -> Any:
-    """Wait for `job` and return its result (task 0's); raise the job's own error if it failed.
+    """Wait for `job` and return task 0's result; raise the job's own error if it failed.
 
-    Unlike `job.result()`, this also returns when a Slurm job has left the queue without writing
-    a result (killed, cancelled), which submitit only notices through `sacct` (absent without
-    accounting): it then raises `UncompletedJobError` naming the log. TimeoutError after `timeout_s`.
+    Slurm jobs are watched through their result files and `squeue`, not submitit's `sacct` (absent
+    without accounting): a job that left the queue without results (killed, cancelled) raises
+    `UncompletedJobError` naming its log, and so does one that can never start (it asks for more
+    than the partition has). TimeoutError after `timeout_s`.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     gone_since = None
-    while not job.done():
-        if isinstance(job, submitit.SlurmJob) and not _slurm_active(job.job_id):
-            gone_since = gone_since or time.monotonic()
-            if time.monotonic() - gone_since > 5.0:  # grace for the result files to land
-                raise UncompletedJobError(f"job {job.job_id} left the queue without a result; "
-                                          f"see {job.paths.stderr}")
+    slurm = isinstance(job, submitit.SlurmJob)
+    while not (_results_written(job) if slurm else job.done()):
+        if slurm:
+            state, reason = _slurm_state(job.job_id)
+            if state == "PENDING" and reason in _IMPOSSIBLE_REASONS:
+                raise UncompletedJobError(
+                    f"job {job.job_id} can never start (Slurm reason {reason}): it asks for more "
+                    f"than the partition offers; check the launch settings and `scancel {job.job_id}`")
+            if state not in _ACTIVE_SLURM_STATES:
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > 5.0:  # grace for the result files to land
+                    raise UncompletedJobError(f"job {job.job_id} ended ({state or 'gone'}) "
+                                              f"without a result; see {job.paths.stderr}")
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job.job_id} still running after {timeout_s:.0f}s")
         time.sleep(poll_s)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from submitit.core.utils import UncompletedJobError
 
 from core.config import Config, load_config
 from core.errors import UserError
@@ -78,14 +79,14 @@ def test_local_two_tasks_all_reduce(tmp_path: Path, toy_env: None) -> None:
     cfg = make_cfg(tmp_path, "launch.executor=local", "launch.tasks_per_node=2",
                    "supernet.epochs=2")
     job = submit_stage(cfg, "toy", TOY)
-    check_two_ranks(cfg, wait_result(job, timeout_s=60), epochs=2)
+    check_two_ranks(cfg, wait_result(job, timeout_s=120), epochs=2)
     assert (tmp_path / "toy" / "submitit").is_dir()
 
 
 def test_local_array(tmp_path: Path, toy_env: None) -> None:
     cfg = make_cfg(tmp_path, "launch.executor=local")
     jobs = submit_array(cfg, "stage_toy:square", [7, 9], stage="search")
-    assert [wait_result(job, timeout_s=60) for job in jobs] == [49, 81]
+    assert [wait_result(job, timeout_s=120) for job in jobs] == [49, 81]
     assert (tmp_path / "search" / "submitit").is_dir()
 
 
@@ -93,8 +94,19 @@ def test_slurm_two_tasks_all_reduce(tmp_path: Path, toy_env: None, slurm_cluster
     cfg = make_cfg(tmp_path, "launch.executor=slurm", "launch.tasks_per_node=2",
                    "supernet.epochs=2")
     job = submit_stage(cfg, "toy", TOY)
-    check_two_ranks(cfg, wait_result(job, timeout_s=60), epochs=2)
+    check_two_ranks(cfg, wait_result(job, timeout_s=120), epochs=2)
     assert {r["job"] for r in read_ranks(cfg)} == {job.job_id}
+
+
+def test_slurm_impossible_job_is_reported(tmp_path: Path, toy_env: None,
+                                          slurm_cluster: None) -> None:
+    cfg = make_cfg(tmp_path, "launch.executor=slurm", f"launch.cpus_per_task={4 * os.cpu_count()}")
+    job = submit_stage(cfg, "toy", TOY)
+    try:
+        with pytest.raises(UncompletedJobError, match="can never start"):
+            wait_result(job, timeout_s=30)
+    finally:
+        job.cancel()
 
 
 @pytest.mark.parametrize("how", ["interrupt", "scontrol"])
@@ -107,13 +119,13 @@ def test_slurm_requeue_resumes(tmp_path: Path, toy_env: None, slurm_cluster: Non
     cfg = make_cfg(tmp_path, "launch.executor=slurm", "launch.tasks_per_node=2",
                    f"supernet.epochs={epochs}")
     job = submit_stage(cfg, "toy", TOY)
-    wait_for_epoch(cfg, 2, timeout_s=60)
+    wait_for_epoch(cfg, 2, timeout_s=120)  # generous: the one node may be busy
     if how == "interrupt":
         job._interrupt()
     else:
         subprocess.run(["scontrol", "requeue", job.job_id], check=True)
-    release_requeued(job.job_id, timeout_s=30)
-    result = wait_result(job, timeout_s=90)
+    release_requeued(job.job_id, timeout_s=60)
+    result = wait_result(job, timeout_s=120)
     check_two_ranks(cfg, result, epochs)
     assert len(result["starts"]) == 2 and result["starts"][0] == 0 and result["starts"][1] >= 2
 

@@ -6,6 +6,12 @@ import shutil
 import subprocess
 
 import pytest
+import torch
+
+# Tiny models run many times faster on one thread than on several competing ones; subprocesses
+# (torchrun, submitit, the CLI) inherit the setting through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 # --- Slurm: tests that need a running cluster (slurm/local-cluster.sh start) ------------------

@@ -1,0 +1,213 @@
+"""Retraining: train the chosen architecture's static ViT with the DeiT recipe through timm.
+
+The architecture comes from `retrain.arch` (a JSON file or inline JSON; `vitas retrain --arch`),
+else from `<output_dir>/search/arch.json`, and is validated against the config's space. Weights
+start from scratch (`retrain.init: scratch`) or from the superformer (`supernet`: the subnet of
+`<output_dir>/supernet/last.pth`, extracted with copied weights). It trains on all of `train/`
+(the hold-out only serves the search) and reports on `val/`. The loop is `core.engine`'s
+(AdamW, warm-up + cosine, Mixup/CutMix, label smoothing, EMA, AMP on GPU, DDP, auto-resume from
+`<stage_dir>/last.pth`); val top-1/top-5 are measured after every epoch; progressive
+re-tokenization (`retrain.retokenize`, see `retrain.retokenize`) lowers the token count early on.
+The checkpoint holds "model" (StaticViT state dict), "arch", "model_args", "config", "space",
+"class_names" and the training state; the final metrics go to `<stage_dir>/summary.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from core import dist
+from core.checkpoint import load_checkpoint, write_json
+from core.config import Config, save_config
+from core.data import (build_dataset, class_names, create_loader, create_loss, create_mixup,
+                       num_classes)
+from core.engine import Trainer, configure_determinism, create_train_loader
+from core.errors import UserError
+from core.logs import RunLogger, setup_logging
+from core.metrics import evaluate_accuracy
+from retrain.retokenize import ElasticTokenViT, apply_stage, build_schedule, stage_at, training_macs
+from supernet.complexity import arch_cost
+from supernet.model import Superformer
+from supernet.space import SearchSpace
+
+log = logging.getLogger("vitas.retrain")
+
+
+def read_arch(cfg: Config) -> dict:
+    """The architecture to train (retrain.arch, else <output_dir>/search/arch.json), validated."""
+    source = cfg.retrain.arch or str(cfg.stage_dir("search") / "arch.json")
+    if source.lstrip().startswith("{"):
+        text, where = source, "retrain.arch"
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            hint = "" if cfg.retrain.arch else " (run the search first, or pass --arch FILE)"
+            raise UserError(f"architecture file not found: {path}{hint}")
+        text, where = path.read_text(), str(path)
+    try:
+        arch = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where} is not valid JSON: {exc}") from None
+    if isinstance(arch, dict) and isinstance(arch.get("arch"), dict):
+        arch = arch["arch"]  # a result record {"arch": {...}, "scores": ...}
+    return SearchSpace(cfg.space).validate(arch)
+
+
+def static_args(arch: dict, space: SearchSpace, classes: int) -> dict:
+    """StaticViT constructor arguments of `arch` in `space` (what the checkpoint records)."""
+    c = space.cfg
+    return dict(arch=arch, num_classes=classes, img_size=c.img_size, in_chans=c.in_chans,
+                qkv_bias=c.qkv_bias, rel_pos=c.rel_pos, rel_pos_max=c.rel_pos_max, pool=c.pool)
+
+
+def supernet_weights(cfg: Config, space: SearchSpace, arch: dict, classes: int) -> dict:
+    """`arch`'s weights extracted from `<output_dir>/supernet/last.pth` (space and classes checked)."""
+    path = cfg.stage_dir("supernet") / "last.pth"
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "model" not in state or "space" not in state:
+        raise UserError(f"{path} is not a superformer checkpoint (needs 'model' and 'space')")
+    space.check_spec(state["space"], str(path))
+    head = state["model"].get("head.weight")
+    if head is None or head.shape[0] != classes:
+        raise UserError(f"{path} has a {None if head is None else head.shape[0]}-class head, "
+                        f"the data set has {classes} classes")
+    supernet = Superformer(space, num_classes=classes)
+    try:
+        supernet.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path} does not fit the superformer of this space: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return supernet.extract(arch).state_dict()
+
+
+def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[int] = None) -> dict:
+    """Train `arch` per `cfg.retrain` (epochs overridable) into `out_dir`; returns the final metrics.
+
+    Resumes from `out_dir/last.pth` when present. The result (also `out_dir/summary.json`) holds
+    val "top1", "top5", "images" of the final weights, "best_top1", "ema_top1" with EMA on, cost
+    and the re-tokenization report.
+    """
+    sec = cfg.retrain if epochs is None else dataclasses.replace(cfg.retrain, epochs=epochs)
+    if sec.init not in ("scratch", "supernet"):
+        raise UserError(f"retrain.init must be 'scratch' or 'supernet', got {sec.init!r}")
+    if sec.epochs < 1:
+        raise UserError(f"retrain.epochs must be >= 1, got {sec.epochs}")
+    info = dist.init_distributed()
+    out_dir = Path(out_dir)
+    space = SearchSpace(cfg.space)
+    arch = space.validate(arch)
+    classes, names = num_classes(cfg.data), class_names(cfg.data)
+    schedule = build_schedule(sec.retokenize, arch["patch_size"], cfg.space.img_size, sec.epochs)
+    configure_determinism(sec.seed, sec.deterministic)
+
+    train_set = build_dataset(cfg.data, "train", cfg.space.img_size, is_training=True)
+    val_set = build_dataset(cfg.data, "val", cfg.space.img_size, is_training=False)
+    loader = create_train_loader(train_set, sec.batch_size, sec.seed, cfg.data.workers)
+    val_loader = create_loader(val_set, max(1, sec.batch_size // info.world_size), shuffle=False,
+                               workers=cfg.data.workers)
+    steps = loader.batch_sampler.steps_per_epoch
+
+    model = ElasticTokenViT(**static_args(arch, space, classes), drop_path=sec.drop_path)
+    if sec.init == "supernet":
+        model.load_state_dict(supernet_weights(cfg, space, arch, classes))
+    extra = {"arch": arch, "model_args": model.model_args, "config": cfg.to_dict(),
+             "space": space.spec(), "class_names": names}
+    trainer = Trainer(model, sec, steps, out_dir, info.device, extra_state=extra,
+                      find_unused_parameters=False)
+
+    last: dict[str, Any] = {}  # val metrics of the latest epoch end
+    best = {"top1": 0.0}
+
+    def check(state: dict) -> None:
+        """Refuse another space or architecture; take over the saved val metrics."""
+        space.check_spec(state.get("space", {}), str(trainer.path))
+        if state.get("model_args") != model.model_args:
+            raise UserError(f"{trainer.path} was trained for another architecture or data set; "
+                            "use a new output directory")
+        last.update(state.get("val") or {})
+        best["top1"] = state.get("best_top1", 0.0)
+
+    if trainer.resume(check):
+        log.info("resumed from %s at epoch %d (step %d)", trainer.path, *trainer.resumed_from)
+    if dist.is_main():
+        save_config(dataclasses.replace(cfg, retrain=sec), out_dir / "config.yaml")
+    macs = training_macs(arch, space, classes, schedule, sec.epochs, steps * sec.batch_size)
+    if len(schedule) > 1:
+        log.info("re-tokenization %s saves %.1f%% of the training MACs (%.3g vs %.3g)",
+                 [(s["epochs"], s["tokens"]) for s in macs["stages"]], 100 * macs["saved_fraction"],
+                 macs["train_macs"], macs["full_train_macs"])
+
+    mixup = create_mixup(cfg.data, classes)
+    criterion = create_loss(cfg.data, mixup is not None).to(info.device)
+    current: dict[str, Any] = {}
+
+    def on_epoch_start(epoch: int) -> None:
+        stage = stage_at(schedule, epoch)
+        for module in [model] + ([trainer.ema.module] if trainer.ema is not None else []):
+            apply_stage(module, stage)
+        if len(schedule) > 1 and current.get("stage") != stage:
+            current["stage"] = stage
+            log.info("epoch %d: patch conv stride %d dilation %d padding %d -> %d tokens",
+                     epoch + 1, stage.stride, stage.dilation, stage.padding, stage.tokens)
+
+    def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        images, target = (t.to(info.device, non_blocking=True) for t in batch)
+        if mixup is not None:
+            images, target = mixup(images, target)
+        with trainer.accumulate(last=True):
+            with trainer.autocast():
+                loss = criterion(trainer.wrapped(images), target)
+            trainer.backward(loss)
+        return {"loss": loss.item()}
+
+    def on_epoch_end(epoch: int) -> dict:
+        metrics = evaluate_accuracy(model, val_loader, info.device)
+        scalars = {"val/top1": metrics["top1"], "val/top5": metrics["top5"],
+                   "tokens": stage_at(schedule, epoch).tokens}
+        if trainer.ema is not None:
+            ema = evaluate_accuracy(trainer.ema.module, val_loader, info.device)
+            scalars.update({"val/ema_top1": ema["top1"], "val/ema_top5": ema["top5"]})
+            metrics["ema_top1"], metrics["ema_top5"] = ema["top1"], ema["top5"]
+        last.clear()
+        last.update(metrics)
+        best["top1"] = max(best["top1"], metrics["top1"])
+        trainer.extra_state["val"] = dict(metrics)
+        trainer.extra_state["best_top1"] = best["top1"]
+        if dist.is_main():
+            print(f"epoch {epoch + 1}/{sec.epochs}: val top1 {metrics['top1']:.2f}% "
+                  f"top5 {metrics['top5']:.2f}% ({stage_at(schedule, epoch).tokens} tokens)", flush=True)
+        return scalars
+
+    start = time.perf_counter()
+    with RunLogger(out_dir) as logger:
+        trainer.fit(loader, train_step, logger, on_epoch_end=on_epoch_end,
+                    on_epoch_start=on_epoch_start, desc="retrain")
+    cost = arch_cost(arch, space, classes)
+    summary = {"top1": last["top1"], "top5": last["top5"], "images": last["images"],
+               **{k: last[k] for k in ("ema_top1", "ema_top5") if k in last},
+               "best_top1": best["top1"], "epochs": sec.epochs, "arch": arch,
+               "init": sec.init, "params": cost.params, "macs": cost.macs,
+               "train_seconds": round(time.perf_counter() - start, 1), "retokenize": macs,
+               "checkpoint": str(trainer.path)}
+    if dist.is_main():
+        write_json(summary, out_dir / "summary.json")
+    dist.barrier()
+    return summary
+
+
+def run(cfg: Config) -> dict:
+    """Stage entry (`vitas retrain`, `vitas submit retrain`): train into `<output_dir>/retrain`."""
+    setup_logging()
+    summary = train_arch(cfg, read_arch(cfg), cfg.stage_dir("retrain"))
+    if dist.is_main():
+        print(f"retrained: val top1 {summary['top1']:.2f}% top5 {summary['top5']:.2f}% "
+              f"({summary['images']} images); summary in {cfg.stage_dir('retrain') / 'summary.json'}")
+        print(json.dumps({k: summary[k] for k in ("top1", "top5", "images")}), flush=True)
+    dist.cleanup()
+    return summary

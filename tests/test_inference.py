@@ -1,0 +1,141 @@
+"""Evaluate and predict: checkpoint, URL and exported folder agree; bad inputs are one-line errors."""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.checkpoint import save_checkpoint
+from core.config import load_config
+from core.data import write_digits
+from core.errors import UserError
+from inference.evaluate import evaluate_checkpoint, load_model
+from inference.predict import predict
+from supernet.export import export
+from supernet.space import SearchSpace
+from supernet.static import StaticViT
+from vitas.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": [2, 2], "attn_dim": [32, 32],
+        "mlp_dim": [64, 64]}
+
+
+class Evil:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def vitas(capsys, *args) -> tuple[int, str, str]:
+    """Run the `vitas` command line in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Digits data and a retrain-format checkpoint of a (briefly fitted) StaticViT."""
+    tmp = tmp_path_factory.mktemp("inference")
+    data = tmp / "digits"
+    write_digits(data)
+    cfg = load_config(ROOT / "yamls" / "demo-digits.yaml", [f"output_dir={tmp}", f"data.root={data}"])
+    torch.manual_seed(0)
+    model = StaticViT(SearchSpace(cfg.space).validate(ARCH), num_classes=10, img_size=32)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.linspace(-1, 1, 10))  # a clear ranking of the classes
+    ckpt = tmp / "model.pth"
+    save_checkpoint({"model": model.state_dict(), "arch": model.arch, "model_args": model.model_args,
+                     "config": cfg.to_dict(), "space": SearchSpace(cfg.space).spec(),
+                     "class_names": [str(i) for i in range(10)]}, ckpt)
+    return tmp, data, ckpt, model
+
+
+def test_evaluate_checkpoint_url_and_export_agree(setup):
+    tmp, data, ckpt, model = setup
+    direct = evaluate_checkpoint(str(ckpt), str(data), workers=0)
+    folder = export(model, tmp / "export", data_config=dict(mean=(0.5,) * 3, std=(0.5,) * 3,
+                                                             interpolation="bilinear", crop_pct=1.0))
+    exported = evaluate_checkpoint(str(folder), str(data), workers=0)
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    by_url = evaluate_checkpoint(ckpt.as_uri(), str(data), sha256=digest, cache=str(tmp / "cache"),
+                                 workers=0)
+    assert direct["images"] == 360 and 0 <= direct["top1"] <= direct["top5"] <= 100
+    assert exported == direct == by_url
+
+
+def test_predict_top5_probabilities(setup, capsys):
+    tmp, data, ckpt, _ = setup
+    images = [sorted((data / "val" / c).glob("*.png"))[0] for c in ("3", "7")]
+    code, stdout, stderr = vitas(capsys, "predict", "--checkpoint", ckpt, "--data", data, *images)
+    assert code == 0, stderr
+    out = json.loads(stdout.strip().splitlines()[-1])["predictions"]
+    assert [p["image"] for p in out] == [str(i) for i in images]
+    for item in out:
+        probs = [hit["prob"] for hit in item["topk"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True)
+        assert all(0 <= p <= 1 for p in probs) and sum(probs) <= 1 + 1e-6
+        assert {hit["class"] for hit in item["topk"]} <= {str(i) for i in range(10)}
+        assert item["topk"][0]["class"] == str(item["topk"][0]["index"])
+    assert "%" in stdout.splitlines()[1]  # human-readable lines before the JSON
+
+
+def test_predict_names_from_checkpoint_and_errors(setup):
+    tmp, data, ckpt, _ = setup
+    image = sorted((data / "val" / "0").glob("*.png"))[0]
+    [item] = predict(str(ckpt), [str(image)], topk=3)
+    assert len(item["topk"]) == 3
+    with pytest.raises(UserError, match="image not found"):
+        predict(str(ckpt), [str(tmp / "missing.png")])
+    (tmp / "not-an-image.png").write_text("hello")
+    with pytest.raises(UserError, match="cannot read image"):
+        predict(str(ckpt), [str(tmp / "not-an-image.png")])
+
+
+def test_class_mismatch_is_refused(setup, tmp_path):
+    _, data, ckpt, _ = setup
+    other = tmp_path / "letters"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (other / split / name).mkdir(parents=True)
+    with pytest.raises(UserError, match="differ from the model's"):
+        evaluate_checkpoint(str(ckpt), str(other), workers=0)
+
+
+def test_malicious_checkpoint_refused_by_cli(setup, tmp_path, capsys):
+    _, data, _, _ = setup
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Evil(marker)}, evil)
+    code, _, err = vitas(capsys, "evaluate", "--checkpoint", evil, "--data", data)
+    assert code == 2
+    assert err.startswith("vitas: error: refusing to load") and err.count("\n") == 1
+    assert not marker.exists()
+    image = sorted((data / "val" / "0").glob("*.png"))[0]
+    code, _, err = vitas(capsys, "predict", "--checkpoint", evil, image)
+    assert code == 2 and err.count("\n") == 1 and not marker.exists()
+
+
+def test_not_a_retrain_checkpoint(setup, tmp_path, capsys):
+    _, data, _, _ = setup
+    save_checkpoint({"model": {}, "space": {}}, tmp_path / "super.pth")
+    with pytest.raises(UserError, match="not a retrain checkpoint"):
+        load_model(str(tmp_path / "super.pth"))
+    code, _, err = vitas(capsys, "evaluate", "--checkpoint", tmp_path / "absent.pth", "--data", data)
+    assert code == 2 and "checkpoint not found" in err

@@ -1,0 +1,135 @@
+"""Retraining on digits: it learns, its checkpoint evaluates to what it logged, it resumes."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.config import load_config
+from core.data import write_digits
+from core.errors import UserError
+from retrain.train import read_arch, supernet_weights, train_arch
+from supernet.model import Superformer
+from supernet.space import SearchSpace
+from vitas.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML = ROOT / "yamls" / "demo-digits.yaml"
+ARCH = {"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": [2, 2], "attn_dim": [32, 32],
+        "mlp_dim": [64, 64]}
+# A short, augmentation-free recipe that learns digits in seconds on one CPU core.
+FAST = ["retrain.epochs=6", "retrain.lr=5e-3", "retrain.warmup_epochs=0", "retrain.log_every_steps=5",
+        "data.smoothing=0", "data.scale=[1.0, 1.0]"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """`vitas retrain` of ARCH on digits: (output dir, data dir, final stdout JSON)."""
+    tmp = tmp_path_factory.mktemp("retrain")
+    data, out = tmp / "digits", tmp / "run"
+    write_digits(data)
+    (tmp / "arch.json").write_text(json.dumps(ARCH))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["retrain", "-c", str(YAML), "--arch", str(tmp / "arch.json"), f"output_dir={out}",
+                     f"data.root={data}", *FAST])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return out, data
+
+
+def test_retrain_learns(run):
+    out, _ = run
+    stage = out / "retrain"
+    losses = [r["train/loss"] for r in map(json.loads, (stage / "log.jsonl").read_text().splitlines())
+              if "train/loss" in r]
+    assert len(losses) >= 20
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["top1"] > 30.0  # chance is 10 %
+    assert summary["images"] == 360 and summary["epochs"] == 6 and summary["arch"] == ARCH
+    assert summary["best_top1"] >= summary["top1"]
+    assert sorted(p.name for p in stage.iterdir() if p.name.startswith(".")) == []  # no temp files
+    assert (stage / "config.yaml").is_file()
+
+
+def test_checkpoint_contents(run):
+    out, _ = run
+    state = load_checkpoint(out / "retrain" / "last.pth")
+    assert state["arch"] == ARCH and state["model_args"]["arch"] == ARCH
+    assert state["model_args"]["num_classes"] == 10 and state["epoch"] == 6
+    assert state["class_names"] == [str(i) for i in range(10)]
+    assert set(state["model"]) >= {"patch_embed.proj.weight", "pos_embed", "head.weight"}
+    assert SearchSpace(load_config(YAML).space).spec() == state["space"]
+    assert {"optimizer", "scheduler", "rng", "config"} <= set(state)
+
+
+def test_evaluate_reproduces_training_accuracy(run, capsys):
+    out, data = run
+    logged = [r for r in map(json.loads, (out / "retrain" / "log.jsonl").read_text().splitlines())
+              if "val/top1" in r][-1]
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "retrain" / "last.pth"), "--data", str(data)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result == {"top1": logged["val/top1"], "top5": logged["val/top5"], "images": 360}
+
+
+def test_finished_run_resumes_without_training(run):
+    out, data = run
+    cfg = load_config(YAML, [f"output_dir={out}", f"data.root={data}", *FAST])
+    before = (out / "retrain" / "last.pth").stat().st_mtime_ns
+    again = train_arch(cfg, ARCH, out / "retrain")
+    summary = json.loads((out / "retrain" / "summary.json").read_text())
+    assert again["top1"] == summary["top1"] and again["top5"] == summary["top5"]
+    assert (out / "retrain" / "last.pth").stat().st_mtime_ns == before  # nothing was retrained
+    other = dict(ARCH, embed_dim=64, mlp_dim=[128, 128])
+    with pytest.raises(UserError, match="another architecture"):
+        train_arch(cfg, other, out / "retrain")
+
+
+def test_arch_sources_and_errors(tmp_path, capsys):
+    cfg = load_config(YAML, [f"output_dir={tmp_path}"])
+    with pytest.raises(UserError, match="run the search first"):
+        read_arch(cfg)
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "arch.json").write_text(json.dumps(ARCH))
+    assert read_arch(cfg) == ARCH
+    cfg.retrain.arch = json.dumps({"arch": dict(ARCH, patch_size=16)})
+    with pytest.raises(UserError, match="patch_size"):
+        read_arch(cfg)
+    code = main(["retrain", "-c", str(YAML), f"output_dir={tmp_path}", "--arch",
+                 json.dumps(dict(ARCH, embed_dim=50))])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("vitas: error:") and "embed_dim" in err and err.count("\n") == 1
+    code = main(["retrain", "-c", str(YAML), f"output_dir={tmp_path}", "retrain.init=imagenet"])
+    assert code == 2 and "retrain.init" in capsys.readouterr().err
+
+
+def test_init_from_supernet(tmp_path):
+    cfg = load_config(YAML, [f"output_dir={tmp_path}"])
+    space = SearchSpace(cfg.space)
+    torch.manual_seed(0)
+    supernet = Superformer(space, num_classes=10)
+    state = {"model": supernet.state_dict(), "ema": None, "config": cfg.to_dict(), "space": space.spec()}
+    save_checkpoint(state, tmp_path / "supernet" / "last.pth")
+    weights = supernet_weights(cfg, space, space.validate(ARCH), 10)
+    expected = supernet.extract(ARCH).state_dict()
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    with pytest.raises(UserError, match="10-class head"):
+        supernet_weights(cfg, space, space.validate(ARCH), 7)
+    other = load_config(YAML, [f"output_dir={tmp_path}", "space.embed_dim=[48, 96]"])
+    with pytest.raises(UserError, match="embed_dim"):
+        supernet_weights(other, SearchSpace(other.space), ARCH, 10)

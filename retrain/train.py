@@ -69,6 +69,9 @@ def static_args(arch: dict, space: SearchSpace, classes: int) -> dict:
 def supernet_weights(cfg: Config, space: SearchSpace, arch: dict, classes: int) -> dict:
     """`arch`'s weights extracted from `<output_dir>/supernet/last.pth` (space and classes checked)."""
     path = cfg.stage_dir("supernet") / "last.pth"
+    if not path.is_file():
+        raise UserError(f"retrain.init=supernet needs the superformer checkpoint {path} "
+                        "(train the supernet first, or use retrain.init=scratch)")
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state or "space" not in state:
         raise UserError(f"{path} is not a superformer checkpoint (needs 'model' and 'space')")
@@ -164,7 +167,7 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
             with trainer.autocast():
                 loss = criterion(trainer.wrapped(images), target)
             trainer.backward(loss)
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}  # read only when logged: no device sync per step
 
     def on_epoch_end(epoch: int) -> dict:
         metrics = evaluate_accuracy(model, val_loader, info.device)

@@ -128,6 +128,8 @@ def test_init_from_supernet(tmp_path):
     expected = supernet.extract(ARCH).state_dict()
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    with pytest.raises(UserError, match="train the supernet first"):
+        supernet_weights(load_config(YAML, [f"output_dir={tmp_path / 'none'}"]), space, ARCH, 10)
     with pytest.raises(UserError, match="10-class head"):
         supernet_weights(cfg, space, space.validate(ARCH), 7)
     other = load_config(YAML, [f"output_dir={tmp_path}", "space.embed_dim=[48, 96]"])

@@ -1,0 +1,218 @@
+"""Proxy versus supernet ranking study (As-ViT Table 2 / Figure 2 for this project's spaces).
+
+`proxy.rank_archs` architectures are sampled evenly across the MACs range (`search.macs_min/max`,
+else the space's): the range is cut into that many equal bins and one architecture is drawn in
+each (`space.sample_in_range`; a bin nobody falls into is drawn from the whole range). For each:
+L^E, NTK condition, curvature, params, MACs, the inherited hold-out top-1 with weights of the
+superformer checkpoint (when there is one) and, with `proxy.ground_truth_epochs` E > 0 (or
+`--ground-truth-epochs`), val top-1 after training from scratch for E epochs
+(`retrain.train.train_arch`, in sequence in this process, or one Slurm array task per
+architecture when launch.executor resolves to Slurm). Writes `<output_dir>/rank/ranking.csv`,
+`correlations.json` (Kendall tau and Spearman rho of every pair of columns) and scatter plots.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from scipy.stats import kendalltau, spearmanr
+
+from core.checkpoint import atomic_write, write_json
+from core.config import Config, save_config
+from core.data import num_classes
+from core.errors import UserError
+from core.launch import resolve_executor, submit_array, wait_result
+from core.logs import progress
+from retrain.train import train_arch
+from search.evaluate import AccuracyScorer, checkpoint_path
+from search.proxies import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
+from supernet.complexity import arch_cost
+from supernet.space import SearchSpace, space_from_config
+
+log = logging.getLogger("vitas.rank")
+
+STAGE = "rank"
+PROXY_COLUMNS = ("length_distortion", "ntk_condition", "curvature")
+COST_COLUMNS = ("params", "macs")
+ACCURACY_COLUMNS = ("inherited_top1", "trained_top1")
+LOG_AXES = {"ntk_condition", "curvature", "params", "macs"}
+
+
+def sample_archs(space: SearchSpace, cfg: Config, n: int) -> list[dict]:
+    """`n` distinct architectures, one per equal-width MACs bin of the budget within the space's
+    range, seeded by proxy.seed (a bin nobody falls into is drawn from the whole range)."""
+    classes = num_classes(cfg.data)
+    cost_fn = lambda a: arch_cost(a, space, classes)  # noqa: E731
+    lo, hi = cost_fn(space.min_arch()).macs, cost_fn(space.max_arch()).macs
+    lo = max(lo, cfg.search.macs_min) if cfg.search.macs_min is not None else lo
+    hi = min(hi, cfg.search.macs_max) if cfg.search.macs_max is not None else hi
+    if lo > hi:
+        raise UserError(f"no architecture of the space has MACs in [search.macs_min, search.macs_max] "
+                        f"(the space spans {cost_fn(space.min_arch()).macs}..{cost_fn(space.max_arch()).macs})")
+    rng = np.random.default_rng(cfg.proxy.seed)
+    edges = np.linspace(lo, hi, n + 1)
+    archs: dict[str, dict] = {}
+    for b in range(n):
+        for attempt in range(20):
+            rng_range = (int(edges[b]), int(edges[b + 1])) if attempt < 10 else (lo, hi)
+            try:
+                arch = space.sample_in_range(rng, cost_fn, macs=rng_range, max_tries=500)
+            except UserError:
+                continue
+            if space.key(arch) not in archs:
+                archs[space.key(arch)] = space.canonical(arch)
+                break
+    if len(archs) < 2:
+        raise UserError(f"found {len(archs)} distinct architecture(s) with MACs in [{lo}, {hi}]; "
+                        "a ranking needs at least 2: widen search.macs_min/max")
+    return sorted(archs.values(), key=lambda a: cost_fn(a).macs)
+
+
+def train_one(cfg: Config, item: tuple[int, dict, int]) -> float:
+    """Array-job entry: val top-1 of architecture `item` = (index, arch, epochs) trained from scratch."""
+    index, arch, epochs = item
+    return float(train_arch(cfg, arch, cfg.stage_dir(STAGE) / "ground_truth" / f"arch{index:03d}", epochs)["top1"])
+
+
+def ground_truth(cfg: Config, archs: list[dict], epochs: int) -> list[float]:
+    """Val top-1 of each arch after `epochs` epochs from scratch (Slurm array, else in sequence)."""
+    items = [(i, a, epochs) for i, a in enumerate(archs)]
+    if resolve_executor(cfg.launch) == "slurm":
+        jobs = submit_array(cfg, "search.ranking:train_one", items, stage=STAGE)
+        return [float(wait_result(job)) for job in jobs]
+    return [train_one(cfg, item) for item in progress(items, desc=f"ground truth ({epochs} epochs)")]
+
+
+def correlations(rows: list[dict], columns: list[str]) -> list[dict]:
+    """Kendall tau and Spearman rho of every pair of `columns` over the rows where both are finite."""
+    out = []
+    for x, y in combinations(columns, 2):
+        pairs = [(r[x], r[y]) for r in rows if _finite(r.get(x)) and _finite(r.get(y))]
+        entry: dict[str, Any] = {"x": x, "y": y, "n": len(pairs), "kendall_tau": None, "spearman_rho": None}
+        if len(pairs) >= 2:
+            a, b = np.array(pairs, dtype=np.float64).T
+            entry["kendall_tau"] = _nan_none(kendalltau(a, b).statistic)
+            entry["spearman_rho"] = _nan_none(spearmanr(a, b).statistic)
+        out.append(entry)
+    return out
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _nan_none(v: float) -> Optional[float]:
+    return float(v) if math.isfinite(v) else None
+
+
+def correlation_table(corr: list[dict]) -> str:
+    """The correlations as an aligned text table."""
+    lines = [f"{'x':<18} {'y':<18} {'n':>3} {'kendall_tau':>11} {'spearman_rho':>12}"]
+    fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+    for c in corr:
+        lines.append(f"{c['x']:<18} {c['y']:<18} {c['n']:>3} {fmt(c['kendall_tau']):>11} {fmt(c['spearman_rho']):>12}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], columns: list[str], corr: list[dict], out_dir: Path) -> list[Path]:
+    """As-ViT Figure 2: each accuracy column (else MACs) against every proxy and cost column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    taus = {(c["x"], c["y"]): c["kendall_tau"] for c in corr}
+    targets = [c for c in ACCURACY_COLUMNS if c in columns] or ["macs"]
+    paths = []
+    for target in targets:
+        xs = [c for c in columns if c != target and c not in ACCURACY_COLUMNS]
+        fig, axes = plt.subplots(1, len(xs), figsize=(3.6 * len(xs), 3.4), squeeze=False)
+        for ax, x in zip(axes[0], xs):
+            pts = np.array([(r[x], r[target]) for r in rows if _finite(r.get(x)) and _finite(r.get(target))])
+            if len(pts):
+                ax.scatter(pts[:, 0], pts[:, 1], s=18, alpha=0.8)
+            if x in LOG_AXES and len(pts) and (pts[:, 0] > 0).all():
+                ax.set_xscale("log")
+            tau = taus.get((x, target), taus.get((target, x)))
+            ax.set_title(f"tau = {tau:.2f}" if tau is not None else "tau = -", fontsize=10)
+            ax.set_xlabel(x)
+            ax.set_ylabel(target)
+        fig.tight_layout()
+        path = out_dir / f"{target}_vs_proxies.png"
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def rank(cfg: Config, ground_truth_epochs: Optional[int] = None) -> dict:
+    """Run the ranking study; returns {"rows", "columns", "correlations", "plots", "output"}."""
+    check_proxy_config(cfg.proxy)
+    epochs = cfg.proxy.ground_truth_epochs if ground_truth_epochs is None else ground_truth_epochs
+    if epochs < 0:
+        raise UserError(f"ground-truth epochs must be >= 0, got {epochs}")
+    if cfg.proxy.rank_archs < 2:
+        raise UserError(f"proxy.rank_archs must be >= 2, got {cfg.proxy.rank_archs}")
+    out_dir = cfg.stage_dir(STAGE)
+    space = space_from_config(cfg)
+    classes = num_classes(cfg.data)
+    archs = sample_archs(space, cfg, cfg.proxy.rank_archs)
+    save_config(cfg, out_dir / "config.yaml")
+    log.info("ranking %d architectures", len(archs))
+
+    model, images = proxy_superformer(cfg), ntk_batch(cfg)
+    rows = []
+    for i, arch in enumerate(progress(archs, desc="proxies")):
+        cost = arch_cost(arch, space, classes)
+        rows.append({"index": i, "arch": arch, "params": cost.params, "macs": cost.macs,
+                     **proxy_scores_many(model, [arch], images, cfg.proxy)[0]})
+    columns = list(PROXY_COLUMNS + COST_COLUMNS)
+    if _has_checkpoint(cfg):
+        for row, acc in zip(rows, AccuracyScorer(cfg).score(archs)):
+            row["inherited_top1"] = acc["top1"]
+        columns.append("inherited_top1")
+    else:
+        log.warning("no superformer checkpoint at %s: inherited accuracy left out", cfg.stage_dir("supernet"))
+    if epochs > 0:
+        for row, top1 in zip(rows, ground_truth(cfg, archs, epochs)):
+            row["trained_top1"] = top1
+        columns.append("trained_top1")
+
+    corr = correlations(rows, columns)
+    _write_csv(rows, columns, out_dir / "ranking.csv")
+    write_json({"archs": len(rows), "ground_truth_epochs": epochs, "columns": columns,
+                "correlations": corr}, out_dir / "correlations.json")
+    plots = plot(rows, columns, corr, out_dir)
+    return {"rows": rows, "columns": columns, "correlations": corr, "plots": [str(p) for p in plots],
+            "output": str(out_dir)}
+
+
+def _has_checkpoint(cfg: Config) -> bool:
+    try:
+        checkpoint_path(cfg)
+    except UserError:
+        return False
+    return True
+
+
+def _write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = ["index"] + columns + ["valid", "arch"]
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow([r["index"]] + [r.get(c) for c in columns] + [r["valid"], json.dumps(r["arch"])])
+    atomic_write(path, lambda f: f.write(buf.getvalue()), mode="w")
+
+
+def run(cfg: Config) -> dict:
+    """Submitit entry point (`vitas submit rank`): the study with `proxy.ground_truth_epochs`."""
+    result = rank(cfg)
+    return {k: result[k] for k in ("columns", "correlations", "plots", "output")}

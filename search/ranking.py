@@ -91,13 +91,14 @@ def ground_truth(cfg: Config, archs: list[dict], epochs: int) -> list[float]:
 
 
 def correlations(rows: list[dict], columns: list[str]) -> list[dict]:
-    """Kendall tau and Spearman rho of every pair of `columns` over the rows where both are finite."""
+    """Kendall tau and Spearman rho of every pair of `columns` over the rows where both are finite
+    (None when fewer than 2 such rows or a column is constant there)."""
     out = []
     for x, y in combinations(columns, 2):
         pairs = [(r[x], r[y]) for r in rows if _finite(r.get(x)) and _finite(r.get(y))]
         entry: dict[str, Any] = {"x": x, "y": y, "n": len(pairs), "kendall_tau": None, "spearman_rho": None}
-        if len(pairs) >= 2:
-            a, b = np.array(pairs, dtype=np.float64).T
+        a, b = np.array(pairs, dtype=np.float64).reshape(-1, 2).T
+        if len(pairs) >= 2 and np.ptp(a) > 0 and np.ptp(b) > 0:  # undefined for a constant column
             entry["kendall_tau"] = _nan_none(kendalltau(a, b).statistic)
             entry["spearman_rho"] = _nan_none(spearmanr(a, b).statistic)
         out.append(entry)
@@ -138,7 +139,7 @@ def plot(rows: list[dict], columns: list[str], corr: list[dict], out_dir: Path) 
             pts = np.array([(r[x], r[target]) for r in rows if _finite(r.get(x)) and _finite(r.get(target))])
             if len(pts):
                 ax.scatter(pts[:, 0], pts[:, 1], s=18, alpha=0.8)
-            if x in LOG_AXES and len(pts) and (pts[:, 0] > 0).all():
+            if x in LOG_AXES and len(pts) and pts[:, 0].min() > 0 and pts[:, 0].max() > 10 * pts[:, 0].min():
                 ax.set_xscale("log")
             tau = taus.get((x, target), taus.get((target, x)))
             ax.set_title(f"tau = {tau:.2f}" if tau is not None else "tau = -", fontsize=10)

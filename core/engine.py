@@ -70,11 +70,15 @@ def derive_seed(*parts: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def seed_all(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global RNGs (all devices)."""
+def seed_all(seed: int, devices: bool = True) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs; `devices=False` leaves the accelerators'
+    generators alone (CPU-side data transforms; ~100x faster than `torch.manual_seed`)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if devices:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def configure_determinism(seed: int, deterministic: bool) -> None:
@@ -135,7 +139,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
-        seed_all(seed)
+        seed_all(seed, devices=False)
         return self.dataset[index]
 
     def __len__(self) -> int:

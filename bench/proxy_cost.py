@@ -29,7 +29,9 @@ DEIT_TI = {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": [3] * 1
            "attn_dim": [192] * 12, "mlp_dim": [768] * 12}
 TARGET = 1.5
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
-THREADS = int(os.environ.get("BENCH_THREADS", "0"))  # 0: torch's default
+# One thread by default: on a shared 2-core machine, two OpenMP threads per process spin against
+# other processes and single-image passes slow down 2-10x at random (BENCH_THREADS=0: torch's own).
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
 
 def best_of(fn: Callable[[], object], repeats: int = REPEATS) -> float:

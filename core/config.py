@@ -76,7 +76,9 @@ class DataConfig:
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.5
     color_jitter: float = 0.4
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    # DeiT's RandAugment with magnitudes capped at 9: at 10, timm's increasing posterize keeps
+    # 0 bits, which Pillow >= 13 rejects in the middle of a run.
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1-mmax9"
     reprob: float = 0.25
     mixup: float = 0.8
     cutmix: float = 1.0

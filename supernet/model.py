@@ -19,7 +19,7 @@ from supernet.channels import ChannelPolicy, ChannelSet
 from supernet.layers import (ElasticConv2d, ElasticLayerNorm, ElasticLinear, RelativePosition2D,
                              attend, merge_heads, split_heads)
 from supernet.space import SearchSpace
-from supernet.static import StaticViT, init_vit_weights
+from supernet.static import StaticViT, init_vit_weights, no_weight_decay_names
 
 
 class SuperStem(nn.Module):
@@ -174,6 +174,10 @@ class Superformer(nn.Module):
         self._arch: dict = {}
         self._side = "left"
         self.set_max()
+
+    def no_weight_decay(self) -> set[str]:
+        """Token and position tables that timm's optimizer factory exempts from weight decay."""
+        return no_weight_decay_names(self)
 
     # ------------------------------------------------------------------ activation
     def set_active(self, arch: dict, side: str = "left") -> None:

@@ -111,6 +111,14 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+NO_DECAY_SUFFIXES = ("cls_token", "pos_embed", "table_v", "table_h")
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of class tokens, position embeddings and relative-position tables (as in DeiT)."""
+    return {n for n, _ in model.named_parameters() if n.endswith(NO_DECAY_SUFFIXES)}
+
+
 class StaticViT(nn.Module):
     """A plain ViT for one architecture dict (DESIGN 2); class token always present.
 
@@ -161,6 +169,10 @@ class StaticViT(nn.Module):
         self.head = nn.Linear(E, num_classes)
         self.explicit_attention = explicit_attention
         init_vit_weights(self)
+
+    def no_weight_decay(self) -> set[str]:
+        """Token and position tables that timm's optimizer factory exempts from weight decay."""
+        return no_weight_decay_names(self)
 
     @property
     def explicit_attention(self) -> bool:

@@ -301,3 +301,20 @@ def test_state_dict_keys_and_api():
     vit = build(vitas_space())
     assert "blocks.0.attn.q.2.weight" in vit.state_dict() and "blocks.0.attn.v.weight" in vit.state_dict()
     assert isinstance(vit.blocks[0].attn.q["4"], ElasticLinear)
+
+
+def test_tokens_and_tables_are_exempt_from_weight_decay():
+    """timm's optimizer factory reads no_weight_decay(): tokens/position tables get none (DeiT)."""
+    import timm.optim
+
+    space = SearchSpace(SpaceConfig(img_size=32, patch_size=[8, 16], embed_dim=[16], depth=[1], num_heads=[1],
+                                    head_dim=16, mlp_ratio=[2.0], rel_pos=True, channels=ChannelsConfig()))
+    model = Superformer(space, 10)
+    names = model.no_weight_decay()
+    assert {"stems.8.cls_token", "stems.16.pos_embed", "blocks.0.attn.rel_pos_v.table_h"} <= names
+    assert model.extract().no_weight_decay() >= {"cls_token", "pos_embed"}
+    opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert not any(id(params[n]) in decayed for n in names)
+    assert id(params["blocks.0.mlp.fc1.weight"]) in decayed

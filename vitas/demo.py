@@ -82,8 +82,9 @@ def main() -> int:
         ("proxy search: chosen arch", json.dumps(proxy_arch)),
         ("retrained val top-1 / top-5", f"{evaluation['top1']:.2f}% / {evaluation['top5']:.2f}%"),
     ]
-    for name, value in correlations.get("summary", {}).items():
-        rows.append((f"rank: {name}", str(value)))
+    for c in correlations["correlations"]:
+        if c["y"] in ("inherited_top1", "trained_top1") and c["kendall_tau"] is not None:
+            rows.append((f"rank: Kendall tau({c['x']}, {c['y']})", f"{c['kendall_tau']:+.2f}"))
     rows += [(f"time: {k}", f"{v:.0f} s") for k, v in times.items()]
     plots = sorted(str(p) for p in list((out / "search").glob("*.png")) + list((out / "rank").glob("*.png")))
     width = max(len(n) for n, _ in rows)

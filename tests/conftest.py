@@ -4,9 +4,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+
+from core.data import write_digits
 
 # Tiny models run many times faster on one thread than on several competing ones; subprocesses
 # (torchrun, submitit, the CLI) inherit the setting through the environment.
@@ -31,3 +34,18 @@ def slurm_cluster() -> None:
     if os.environ.get("VITAS_REQUIRE_SLURM") == "1":
         pytest.fail(f"VITAS_REQUIRE_SLURM=1 but {reason}; run `bash slurm/local-cluster.sh start`")
     pytest.skip(reason)
+
+
+# --- Data: a small digits subset, written once per session ------------------------------------
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits subset in the ImageNet layout: 12 train and 4 val images per class."""
+    base = tmp_path_factory.mktemp("digits")
+    write_digits(base / "full")
+    root = base / "tiny"
+    for split, keep in (("train", 12), ("val", 4)):
+        for cls in sorted((base / "full" / split).iterdir()):
+            (root / split / cls.name).mkdir(parents=True)
+            for png in sorted(cls.iterdir())[:keep]:
+                shutil.copy(png, root / split / cls.name / png.name)
+    return root

@@ -25,14 +25,6 @@ DEIT = {  # name: (embed, heads, params, macs) at 224 px, 1000 classes (DESIGN 4
 DEIT_SPACE = {"ti": "autoformer-T", "s": "autoformer-S", "b": "deit"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def deit_arch(embed: int, heads: int) -> dict:
     return {"patch_size": 16, "embed_dim": embed, "depth": 12, "num_heads": [heads] * 12,
             "attn_dim": [embed] * 12, "mlp_dim": [4 * embed] * 12}

@@ -18,14 +18,6 @@ from supernet.static import StaticViT
 from vitas.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def space_cfg(pool: str = "cls", rel_pos: bool = False) -> SpaceConfig:
     return SpaceConfig(
         name="tiny-export", img_size=32, patch_size=[8, 16], embed_dim=[16, 24, 32], depth=[2, 3],

@@ -40,15 +40,6 @@ def vitas(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Digits data and a retrain-format checkpoint of a (briefly fitted) StaticViT."""

@@ -20,15 +20,6 @@ ARCH = {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": [2, 4], "attn
         "mlp_dim": [64, 128]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def space() -> SearchSpace:
     return SearchSpace(load_config(ROOT / "yamls" / "demo-digits.yaml").space)

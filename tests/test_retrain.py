@@ -23,15 +23,6 @@ FAST = ["retrain.epochs=6", "retrain.lr=5e-3", "retrain.warmup_epochs=0", "retra
         "data.smoothing=0", "data.scale=[1.0, 1.0]"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """`vitas retrain` of ARCH on digits: (output dir, data dir, final stdout JSON)."""
@@ -39,13 +30,8 @@ def run(tmp_path_factory):
     data, out = tmp / "digits", tmp / "run"
     write_digits(data)
     (tmp / "arch.json").write_text(json.dumps(ARCH))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main(["retrain", "-c", str(YAML), "--arch", str(tmp / "arch.json"), f"output_dir={out}",
-                     f"data.root={data}", *FAST])
-    finally:
-        torch.set_num_threads(threads)
+    code = main(["retrain", "-c", str(YAML), "--arch", str(tmp / "arch.json"), f"output_dir={out}",
+                 f"data.root={data}", *FAST])
     assert code == 0
     return out, data
 

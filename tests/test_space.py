@@ -80,7 +80,7 @@ def test_identity_shifting_many_to_one():
     layers = [(3, 96, 384), (6, 144, 576), (12, 192, 768), (16, 384, 1536)] * 2
     canonical = None
     for positions in ([0, 1, 2, 3], [8, 9, 10, 11], [0, 4, 7, 11]):
-        identity, it = [], iter(layers)
+        it = iter(layers)
         enc = {"patch_size": 16, "embed_dim": 192, "identity": [], "num_heads": [], "attn_dim": [], "mlp_dim": []}
         for i in range(12):
             skip = i in positions

@@ -17,15 +17,6 @@ from supernet.space import SearchSpace
 POLICIES = ("left", "bilateral", "cyclic")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster (and steadier on a shared machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def vitas_space(policy: str = "cyclic") -> SearchSpace:
     """Tiny ViTAS-like space: 2 patch sizes, identities, private q/k, per-layer attn widths."""
     return SearchSpace(SpaceConfig(

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import load_checkpoint
-from test_train_supernet import cli, tiny_config, tiny_digits, train_env, write_yaml  # noqa: F401
+from train_setup import cli, tiny_config, train_env, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 

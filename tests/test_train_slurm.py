@@ -18,7 +18,7 @@ import submitit
 from core.checkpoint import load_checkpoint
 from core.errors import UserError
 from core.launch import wait_result
-from test_train_supernet import ROOT, cli, tiny_config, tiny_digits, train_env, write_yaml  # noqa: F401
+from train_setup import ROOT, cli, tiny_config, train_env, write_yaml
 
 pytestmark = pytest.mark.slurm
 EPOCHS, STEPS = 3, 5  # tiny_config: 5 steps per epoch

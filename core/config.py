@@ -88,29 +88,36 @@ class DataConfig:
 
 
 @dataclass
-class SupernetConfig:
-    """Superformer training (`vitas train-supernet`). `batch_size` is the global batch per step."""
+class TrainingRecipe:
+    """The optimisation settings that supernet training and retraining share (timm's factories)."""
 
     epochs: int = 100
     batch_size: int = 128
-    sampling: str = "uniform"
-    distill: bool = False
     opt: str = "adamw"
     lr: float = 5e-4
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
     warmup_epochs: int = 5
     weight_decay: float = 0.05
-    clip_grad: Optional[float] = 5.0
+    clip_grad: Optional[float] = None
     drop_path: float = 0.1
     ema: bool = False
     ema_decay: float = 0.99996
     amp: bool = True
-    val_random_archs: int = 3
     save_every_steps: int = 0
     log_every_steps: int = 20
     seed: int = 0
     deterministic: bool = False
+
+
+@dataclass
+class SupernetConfig(TrainingRecipe):
+    """Superformer training (`vitas train-supernet`). `batch_size` is the global batch per step."""
+
+    clip_grad: Optional[float] = 5.0
+    sampling: str = "uniform"
+    distill: bool = False
+    val_random_archs: int = 3
 
 
 @dataclass
@@ -160,29 +167,14 @@ class ProxyConfig:
 
 
 @dataclass
-class RetrainConfig:
+class RetrainConfig(TrainingRecipe):
     """Training the chosen architecture from scratch or from superformer weights."""
 
+    epochs: int = 300
+    ema: bool = True
     arch: Optional[str] = None
     init: str = "scratch"
-    epochs: int = 300
-    batch_size: int = 128
-    opt: str = "adamw"
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: int = 5
-    weight_decay: float = 0.05
-    clip_grad: Optional[float] = None
-    drop_path: float = 0.1
-    ema: bool = True
-    ema_decay: float = 0.99996
-    amp: bool = True
     retokenize: list[list[int]] = field(default_factory=list)
-    save_every_steps: int = 0
-    log_every_steps: int = 20
-    seed: int = 0
-    deterministic: bool = False
 
 
 @dataclass

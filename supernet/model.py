@@ -19,7 +19,7 @@ from supernet.channels import ChannelPolicy, ChannelSet
 from supernet.layers import (ElasticConv2d, ElasticLayerNorm, ElasticLinear, RelativePosition2D,
                              attend, merge_heads, split_heads)
 from supernet.space import SearchSpace
-from supernet.static import StaticViT, init_vit_weights, no_weight_decay_names
+from supernet.static import Mlp, StaticViT, init_vit_weights, no_weight_decay_names
 
 
 class SuperStem(nn.Module):
@@ -106,19 +106,6 @@ class SuperAttention(nn.Module):
         return self.proj(merge_heads(attend(q, k, v, self.scale, rel_k, rel_v, self.explicit)))
 
 
-class SuperMlp(nn.Module):
-    """Elastic fc1, GELU, fc2."""
-
-    def __init__(self, embed_dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = ElasticLinear(embed_dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = ElasticLinear(hidden, embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class SuperBlock(nn.Module):
     """Elastic pre-norm transformer block."""
 
@@ -130,7 +117,7 @@ class SuperBlock(nn.Module):
         self.attn = SuperAttention(E, space.super_attn_dim, space.head_choices, c.qk, c.qkv_bias,
                                    c.rel_pos, c.head_dim, c.rel_pos_max)
         self.norm2 = ElasticLayerNorm(E)
-        self.mlp = SuperMlp(E, space.super_mlp_dim)
+        self.mlp = Mlp(E, space.super_mlp_dim, linear=ElasticLinear)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def set_active(self, embed: ChannelSet, attn: ChannelSet, mlp: ChannelSet, heads: int) -> None:

@@ -71,13 +71,13 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1, GELU, fc2."""
+    """fc1, GELU, fc2; the superformer passes its elastic linear layer, so the keys stay alike."""
 
-    def __init__(self, embed_dim: int, hidden: int):
+    def __init__(self, embed_dim: int, hidden: int, linear: type[nn.Linear] = nn.Linear):
         super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden)
+        self.fc1 = linear(embed_dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, embed_dim)
+        self.fc2 = linear(hidden, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

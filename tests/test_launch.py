@@ -18,6 +18,7 @@ from submitit.core.utils import UncompletedJobError
 from core.config import Config, load_config
 from core.errors import UserError
 from core.launch import StageJob, create_executor, submit_array, submit_stage, wait_result
+from slurm_setup import release_requeued
 from vitas.cli import main
 
 TESTS = Path(__file__).resolve().parent
@@ -52,20 +53,6 @@ def wait_for_epoch(cfg: Config, epoch: int, timeout_s: float) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"toy stage did not reach epoch {epoch} in {timeout_s}s")
-
-
-def release_requeued(job_id: str, timeout_s: float) -> None:
-    """Slurm holds a requeued batch job for about two minutes (BeginTime): start it now."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                               text=True, check=False).stdout.strip()
-        if state == "PENDING" and subprocess.run(
-                ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                capture_output=True, check=False).returncode == 0:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} was not requeued within {timeout_s}s")
 
 
 def check_two_ranks(cfg: Config, result: dict, epochs: int) -> None:

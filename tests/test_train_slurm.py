@@ -18,6 +18,7 @@ import submitit
 from core.checkpoint import load_checkpoint
 from core.errors import UserError
 from core.launch import wait_result
+from slurm_setup import release_requeued
 from train_setup import ROOT, cli, tiny_config, train_env, write_yaml
 
 pytestmark = pytest.mark.slurm
@@ -41,20 +42,6 @@ def wait_for_step(last: Path, step: int, timeout_s: float) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{last} did not reach step {step} in {timeout_s}s")
-
-
-def release_requeued(job_id: str, timeout_s: float) -> None:
-    """Slurm holds a requeued batch job for about two minutes (BeginTime): start it now."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                               text=True, check=False).stdout.strip()
-        if state == "PENDING" and subprocess.run(
-                ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                capture_output=True, check=False).returncode == 0:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} was not requeued within {timeout_s}s")
 
 
 def check_resumed(summary: dict, out: Path, at_least: int) -> None:

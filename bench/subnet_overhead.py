@@ -25,9 +25,9 @@ from supernet.model import Superformer
 from supernet.space import SearchSpace
 
 TARGETS = {"left": 1.10, "bilateral": 1.10, "cyclic": 1.20}
-CASES = {  # name: (img_size, patch, batch, base embed, heads, depth)
-    "deit-ti-224": (224, 16, 8, 192, 3, 12),
-    "tiny-32": (32, 4, 32, 64, 2, 4),
+CASES = {  # name: (img_size, patch, batch, base embed, heads, depth, timed repetitions)
+    "deit-ti-224": (224, 16, 8, 192, 3, 12, 7),
+    "tiny-32": (32, 4, 32, 64, 2, 4, 40),  # ~70 ms a step: more repetitions for a steady median
 }
 
 
@@ -50,7 +50,7 @@ def fwd_bwd(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def run_case(name: str, policy: str, reps: int) -> dict:
-    img, patch, batch, embed, heads, depth = CASES[name]
+    img, patch, batch, embed, heads, depth, _ = CASES[name]
     space = make_space(policy, img, patch, embed, heads, depth)
     torch.manual_seed(0)
     supernet = Superformer(space, num_classes=1000).train()
@@ -86,14 +86,14 @@ def run_case(name: str, policy: str, reps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per model")
+    parser.add_argument("--reps", type=int, help="timed repetitions per model (default: per case)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "subnet_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = []
     for name in CASES:
         for policy in ("left", "bilateral", "cyclic"):
-            r = run_case(name, policy, args.reps)
+            r = run_case(name, policy, args.reps or CASES[name][-1])
             results.append(r)
             ok = "ok" if r["active_over_timm"] <= r["target_active_over_timm"] else "MISSED"
             print(f"{name:12s} {policy:9s} active {r['seconds']['active'] * 1e3:7.1f} ms  "

@@ -173,8 +173,8 @@ def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
     """(B, N, 3*attn) laid out [q; k; v] -> q, k, v of (B, heads, N, attn/heads): each of q, k
     and v is cut into `heads` contiguous chunks in channel order."""
     B, N, C3 = qkv.shape
-    qkv = qkv.reshape(B, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4)
-    return qkv[0], qkv[1], qkv[2]
+    q, k, v = qkv.reshape(B, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v  # unbind, not indexing: its backward is one stack, not three zero-filled copies
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:

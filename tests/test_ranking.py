@@ -82,20 +82,43 @@ def test_vitas_rank_writes_csv_table_and_plots(demo_run, capsys) -> None:
     assert (rank_dir / "inherited_top1_vs_proxies.png").stat().st_size > 1000
 
 
-def test_rank_with_ground_truth(demo_run, monkeypatch, tmp_path) -> None:
-    """`--ground-truth-epochs E` trains each arch through retrain's train_arch (stubbed here)."""
-    out, data = demo_run
-    calls = []
+GROUND_TRUTH = [*FAST, "retrain.batch_size=32", "data.workers=0", "retrain.warmup_epochs=0"]
 
-    def fake_train(cfg, arch, out_dir, epochs):
-        calls.append((epochs, Path(out_dir).name))
-        return {"top1": float(arch_cost(arch, space_from_config(cfg), 10).macs) / 1e5}
 
-    monkeypatch.setattr(ranking, "train_arch", fake_train)
-    cfg = load_config(DEMO, [f"output_dir={tmp_path}", f"data.root={data}", *FAST])
-    result = ranking.rank(cfg, ground_truth_epochs=2)
-    assert calls == [(2, "arch000"), (2, "arch001"), (2, "arch002")]
+def rank_ground_truth(out: Path, data: Path, *overrides: str) -> dict:
+    """`ranking.rank` with one epoch of real from-scratch training per architecture."""
+    cfg = load_config(DEMO, [f"output_dir={out}", f"data.root={data}", *GROUND_TRUTH, *overrides])
+    return ranking.rank(cfg, ground_truth_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def local_ground_truth(tiny_digits, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("rank-gt") / "run"
+    return out, rank_ground_truth(out, tiny_digits, "launch.executor=local")
+
+
+def test_rank_with_ground_truth(local_ground_truth) -> None:
+    """`--ground-truth-epochs E` trains each architecture from scratch (retrain.train_arch) and
+    correlates the proxies and model size with its val top-1."""
+    out, result = local_ground_truth
     assert "trained_top1" in result["columns"] and "inherited_top1" not in result["columns"]
-    corr = {(c["x"], c["y"]): c for c in result["correlations"]}
-    assert corr[("macs", "trained_top1")]["kendall_tau"] == pytest.approx(1.0)
-    assert (tmp_path / "rank" / "trained_top1_vs_proxies.png").is_file()
+    trained = [row["trained_top1"] for row in result["rows"]]
+    for i, top1 in enumerate(trained):
+        summary = json.loads((out / "rank" / "ground_truth" / f"arch{i:03d}" / "summary.json").read_text())
+        assert summary["epochs"] == 1 and summary["top1"] == top1 and 0.0 <= top1 <= 100.0
+    pairs = {(c["x"], c["y"]) for c in result["correlations"]}
+    assert ("macs", "trained_top1") in pairs and ("length_distortion", "trained_top1") in pairs
+    assert (out / "rank" / "trained_top1_vs_proxies.png").is_file()
+
+
+@pytest.mark.slurm
+def test_rank_ground_truth_on_a_slurm_array(slurm_cluster, local_ground_truth, tiny_digits,
+                                            tmp_path) -> None:
+    """On Slurm every architecture trains in its own array task; the accuracies equal the
+    in-process ones (same seeds, one thread, CPU)."""
+    _, local = local_ground_truth
+    result = rank_ground_truth(tmp_path / "run", tiny_digits, "launch.executor=slurm",
+                               "launch.timeout_min=10")
+    assert [r["trained_top1"] for r in result["rows"]] == [r["trained_top1"] for r in local["rows"]]
+    logs = list((tmp_path / "run" / "rank" / "submitit").glob("*_0_log.out"))
+    assert logs, "no Slurm array task logs under rank/submitit"

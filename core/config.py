@@ -164,6 +164,7 @@ class ProxyConfig:
     rank_archs: int = 20
     ground_truth_epochs: int = 0
     scaling_param_limit: int = 100_000_000
+    scaling_seed_arch: Optional[str] = None  # `vitas scale`'s seed: arch.json or inline JSON
 
 
 @dataclass

@@ -34,29 +34,20 @@ from core.metrics import evaluate_accuracy
 from retrain.retokenize import ElasticTokenViT, apply_stage, build_schedule, stage_at, training_macs
 from supernet.complexity import arch_cost
 from supernet.model import Superformer
-from supernet.space import SearchSpace
+from supernet.space import SearchSpace, load_arch
 
 log = logging.getLogger("vitas.retrain")
 
 
 def read_arch(cfg: Config) -> dict:
     """The architecture to train (retrain.arch, else <output_dir>/search/arch.json), validated."""
-    source = cfg.retrain.arch or str(cfg.stage_dir("search") / "arch.json")
-    if source.lstrip().startswith("{"):
-        text, where = source, "retrain.arch"
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            hint = "" if cfg.retrain.arch else " (run the search first, or pass --arch FILE)"
-            raise UserError(f"architecture file not found: {path}{hint}")
-        text, where = path.read_text(), str(path)
-    try:
-        arch = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where} is not valid JSON: {exc}") from None
-    if isinstance(arch, dict) and isinstance(arch.get("arch"), dict):
-        arch = arch["arch"]  # a result record {"arch": {...}, "scores": ...}
-    return SearchSpace(cfg.space).validate(arch)
+    source = cfg.retrain.arch
+    if source is None:
+        source = str(cfg.stage_dir("search") / "arch.json")
+        if not Path(source).is_file():
+            raise UserError(f"architecture file not found: {source} (run the search first, or "
+                            "pass --arch FILE)")
+    return SearchSpace(cfg.space).validate(load_arch(source, "retrain.arch"))
 
 
 def static_args(arch: dict, space: SearchSpace, classes: int) -> dict:

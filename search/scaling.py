@@ -18,7 +18,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from core.errors import UserError
 from retrain.train import static_args
 from search.proxies import check_proxy_config, ntk_batch, proxy_scores
 from supernet.complexity import arch_cost
-from supernet.space import SearchSpace, space_from_config
+from supernet.space import SearchSpace, load_arch, space_from_config
 from supernet.static import StaticViT, check_arch
 
 log = logging.getLogger("vitas.scale")
@@ -144,7 +144,8 @@ def scale(cfg: Config, seed_arch: dict, images: Optional[torch.Tensor] = None) -
     path = out_dir / "trajectory.json"
     limit = cfg.proxy.scaling_param_limit
     scaler = Scaler(cfg, images)
-    header = {"seed_arch": seed_arch, "param_limit": limit, "proxy": dataclasses.asdict(cfg.proxy),
+    proxy = {k: v for k, v in dataclasses.asdict(cfg.proxy).items() if k != "scaling_seed_arch"}
+    header = {"seed_arch": seed_arch, "param_limit": limit, "proxy": proxy,
               "space": cfg.space.name, "ratios": list(RATIOS), "stages": STAGES}
     traj = _resume(path, header)
     save_config(cfg, out_dir / "config.yaml")
@@ -180,6 +181,8 @@ def _resume(path: Path, header: dict) -> Optional[dict]:
     return old if same and old.get("steps") else None
 
 
-def run(cfg: Config, seed_arch: Any) -> dict:
-    """Submitit-style entry point: `scale(cfg, seed_arch)`."""
-    return scale(cfg, seed_arch)
+def run(cfg: Config) -> dict:
+    """Stage entry point (`vitas scale`, `vitas submit scale`): grow `proxy.scaling_seed_arch`."""
+    if not cfg.proxy.scaling_seed_arch:
+        raise UserError("proxy.scaling_seed_arch is not set (pass --seed-arch FILE_OR_JSON)")
+    return scale(cfg, load_arch(cfg.proxy.scaling_seed_arch, "--seed-arch"))

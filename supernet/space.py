@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -20,6 +21,25 @@ from core.errors import UserError
 POLICIES = ("left", "bilateral", "cyclic")
 LAYER_FIELDS = ("num_heads", "attn_dim", "mlp_dim")
 ARCH_FIELDS = ("patch_size", "embed_dim", "depth") + LAYER_FIELDS
+
+
+def load_arch(source: str, what: str = "--arch") -> Any:
+    """An architecture from a JSON file or an inline JSON object (`what` names the source in
+    errors); a result record `{"arch": {...}, ...}` gives its "arch". Not validated here."""
+    if source.lstrip().startswith("{"):
+        text, where = source, what
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UserError(f"{what}: architecture file not found: {path}")
+        text, where = path.read_text(), f"{what} file {path}"
+    try:
+        arch = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where} is not valid JSON: {exc}") from None
+    if isinstance(arch, dict) and isinstance(arch.get("arch"), dict):
+        arch = arch["arch"]
+    return arch
 
 
 def _pick(rng: Any, seq: Sequence) -> Any:

@@ -263,3 +263,19 @@ def test_scale_writes_trajectory_and_resumes(tmp_path, digits) -> None:
     assert on_disk["steps"][-1]["arch"] == steps[-1]["arch"]
     cfg2 = scorer_cfg(tmp_path, digits, "proxy.scaling_param_limit=12000")
     assert scale(cfg2, seed)["steps"] == on_disk["steps"]  # nothing recomputed
+
+
+def test_submit_scale_runs_the_stage_from_the_config(tmp_path, digits, capsys) -> None:
+    """`vitas submit scale` (local executor) grows proxy.scaling_seed_arch; without a seed,
+    `vitas scale` is a one-line error."""
+    seed = {"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": [2], "attn_dim": [16], "mlp_dim": [32]}
+    (tmp_path / "seed.json").write_text(json.dumps(seed))
+    common = ["-c", str(DEMO), f"output_dir={tmp_path / 'run'}", f"data.root={digits}", "proxy.inits=1",
+              "proxy.thetas=4", "proxy.ntk_images=4", "proxy.scaling_param_limit=8000"]
+    code = cli_main(["submit", "scale", *common, f"proxy.scaling_seed_arch={tmp_path / 'seed.json'}",
+                     "launch.executor=local", "--wait"])
+    assert code == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["state"] == "completed"
+    steps = json.loads((tmp_path / "run" / "scale" / "trajectory.json").read_text())["steps"]
+    assert steps[0]["arch"] == seed and steps[-1]["params"] >= 8000 > steps[-2]["params"]
+    assert cli_main(["scale", *common]) == 2
+    assert "proxy.scaling_seed_arch is not set" in capsys.readouterr().err

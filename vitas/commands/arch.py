@@ -5,7 +5,6 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Any
 
 from core.config import Config
 from core.errors import UserError
@@ -36,20 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cost.set_defaults(func=_cost)
 
 
-def read_arch(value: str) -> Any:
-    """An architecture from a JSON file path or an inline JSON string (UserError otherwise)."""
-    path = Path(value)
-    if not value.lstrip().startswith("{") and path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--arch file {path} is not valid JSON: {exc}") from None
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        raise UserError(f"--arch {value!r} is neither an existing file nor valid JSON") from None
-
-
 def num_classes(cfg: Config) -> int:
     """`data.num_classes`, else the class folders of `data.root/train`, else 1000 (ImageNet)."""
     if cfg.data.num_classes:
@@ -74,17 +59,17 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from supernet.space import SearchSpace
+    from supernet.space import SearchSpace, load_arch
 
     space = SearchSpace(config_from_args(args).space)
-    print(json.dumps(space.validate(read_arch(args.arch))))
+    print(json.dumps(space.validate(load_arch(args.arch))))
 
 
 def _cost(args: argparse.Namespace) -> None:
     from supernet.complexity import arch_cost
-    from supernet.space import SearchSpace
+    from supernet.space import SearchSpace, load_arch
 
     cfg = config_from_args(args)
     space = SearchSpace(cfg.space)
-    cost = arch_cost(space.validate(read_arch(args.arch)), space, num_classes(cfg))
+    cost = arch_cost(space.validate(load_arch(args.arch)), space, num_classes(cfg))
     print(json.dumps({"params": cost.params, "macs": cost.macs}))

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from core.errors import UserError
-from vitas.commands.arch import read_arch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +38,7 @@ def _export(args: argparse.Namespace) -> None:
     from core.config import config_from_dict
     from supernet.export import export
     from supernet.model import Superformer
-    from supernet.space import SearchSpace
+    from supernet.space import SearchSpace, load_arch
     from supernet.static import StaticViT
 
     state = load_checkpoint(args.checkpoint)
@@ -47,7 +46,7 @@ def _export(args: argparse.Namespace) -> None:
         raise UserError(f"{args.checkpoint} holds no 'model' state")
     if "arch" in state and "model_args" in state:
         static = StaticViT(**state["model_args"])
-        if args.arch is not None and read_arch(args.arch) != static.arch:
+        if args.arch is not None and load_arch(args.arch) != static.arch:
             raise UserError(f"--arch differs from the architecture recorded in {args.checkpoint}")
         static.load_state_dict(state["model"])
         target = static
@@ -65,7 +64,7 @@ def _export(args: argparse.Namespace) -> None:
         except RuntimeError as exc:
             raise UserError(f"{args.checkpoint} does not fit the superformer of its space: "
                             f"{str(exc).splitlines()[0]}") from None
-        target = (supernet, space.validate(read_arch(args.arch)))
+        target = (supernet, space.validate(load_arch(args.arch)))
     else:
         raise UserError(f"{args.checkpoint} is neither a superformer checkpoint ('config', 'space') "
                         "nor a retrain checkpoint ('arch', 'model_args')")

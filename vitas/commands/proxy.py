@@ -5,7 +5,6 @@ import argparse
 import json
 
 from vitas.commands._common import add_config_args, config_from_args
-from vitas.commands.arch import read_arch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,11 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _proxy(args: argparse.Namespace) -> None:
     from search.proxies import check_proxy_config, ntk_batch, proxy_scores, proxy_superformer
-    from supernet.space import space_from_config
+    from supernet.space import load_arch, space_from_config
 
     cfg = config_from_args(args)
     check_proxy_config(cfg.proxy)
-    arch = space_from_config(cfg).validate(read_arch(args.arch))
+    arch = space_from_config(cfg).validate(load_arch(args.arch))
     scores = proxy_scores(proxy_superformer(cfg), arch, ntk_batch(cfg), cfg.proxy)
     print(f"architecture: {json.dumps(arch)}")
     print(f"  L^E {scores['length_distortion']:.6g}  kappa {scores['ntk_condition']}  "

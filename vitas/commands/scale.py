@@ -5,7 +5,6 @@ import argparse
 import json
 
 from vitas.commands._common import add_config_args, config_from_args
-from vitas.commands.arch import read_arch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,18 +19,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a rerun continues it. The last line of stdout is a JSON object {arch, params, macs, "
         "steps, output}.")
     add_config_args(parser)
-    parser.add_argument("--seed-arch", required=True, metavar="FILE_OR_JSON",
-                        help="seed architecture: arch.json or inline JSON (may lie outside the space)")
+    parser.add_argument("--seed-arch", metavar="FILE_OR_JSON",
+                        help="seed architecture: arch.json or inline JSON (may lie outside the "
+                        "space); default proxy.scaling_seed_arch")
     parser.set_defaults(func=_scale)
 
 
 def _scale(args: argparse.Namespace) -> None:
     from core.logs import setup_logging
-    from search.scaling import scale
+    from search.scaling import run
 
     cfg = config_from_args(args)
+    if args.seed_arch is not None:
+        cfg.proxy.scaling_seed_arch = args.seed_arch
     setup_logging()
-    traj = scale(cfg, read_arch(args.seed_arch))
+    traj = run(cfg)
     print(f"{'step':>4} {'depth':>5} {'embed':>5} {'params':>12} {'macs':>14} {'L^E':>10} {'kappa':>10}")
     for s in traj["steps"]:
         a = s["arch"]

@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train-supernet": ("supernet", "supernet.train:run"),
     "search": ("search", "search.runner:run"),
     "rank": ("rank", "search.ranking:run"),
+    "scale": ("scale", "search.scaling:run"),
     "retrain": ("retrain", "retrain.train:run"),
     "evaluate": ("evaluate", "inference.evaluate:run"),
 }

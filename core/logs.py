@@ -63,11 +63,13 @@ class RunLogger:
 
 
 class PlainProgress:
-    """Iterates like tqdm; prints `desc: i/total (pct%) rate it/s [postfix]` every `every` items."""
+    """Iterates like tqdm; prints `desc: i/total (pct%) rate it/s [postfix]` every `every` items
+    (or, with `every` None, when `interval` seconds have passed since the last line), and at the end."""
 
-    def __init__(self, iterable: Iterable, total: Optional[int], desc: str, every: int,
-                 stream: Any = None) -> None:
-        self.iterable, self.total, self.desc, self.every = iterable, total, desc, every
+    def __init__(self, iterable: Iterable, total: Optional[int], desc: str, every: Optional[int],
+                 interval: float = 30.0, stream: Any = None) -> None:
+        self.iterable, self.total, self.desc = iterable, total, desc
+        self.every, self.interval = every, interval
         self.stream = stream or sys.stdout
         self.postfix = ""
 
@@ -80,12 +82,17 @@ class PlainProgress:
         return self.total if self.total is not None else len(self.iterable)
 
     def __iter__(self) -> Iterator:
-        start = time.perf_counter()
+        start = last = time.perf_counter()
         count = 0
         for count, item in enumerate(self.iterable, 1):
             yield item
-            if count % self.every == 0 and count != self.total:
+            if self.every is not None:
+                due = count % self.every == 0
+            else:
+                due = time.perf_counter() - last >= self.interval
+            if due and count != self.total:  # the last line comes after the loop
                 self._line(count, start)
+                last = time.perf_counter()
         self._line(count, start)
 
     def _line(self, count: int, start: float) -> None:
@@ -98,15 +105,18 @@ class PlainProgress:
 
 
 def progress(iterable: Iterable, total: Optional[int] = None, desc: str = "",
-             every: Optional[int] = None, enabled: Optional[bool] = None) -> Iterable:
-    """On stdout: a tqdm bar on a terminal, else plain lines (every ~10%); silent off rank 0."""
+             every: Optional[int] = None, enabled: Optional[bool] = None,
+             interval: float = 30.0) -> Iterable:
+    """On stdout: a tqdm bar on a terminal; else plain lines every `every` items, or (by default)
+    at most one every `interval` seconds plus a last one, so job logs stay readable; silent off
+    rank 0."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
     if not (dist.is_main() if enabled is None else enabled):
         return tqdm(iterable, total=total, disable=True)  # passes items through, set_postfix no-op
     if sys.stdout.isatty():
         return tqdm(iterable, total=total, desc=desc, file=sys.stdout, dynamic_ncols=True)
-    return PlainProgress(iterable, total, desc, every or max(1, (total or 500) // 10))
+    return PlainProgress(iterable, total, desc, every, interval)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -88,3 +88,12 @@ def test_setup_logging(capsys):
     logging.getLogger("vitas.test").info("hello %d", 3)
     err = capsys.readouterr().err
     assert "INFO [rank 0] vitas.test: hello 3" in err
+
+
+def test_progress_plain_lines_are_time_throttled_by_default(capsys):
+    """Without `every`, a fast loop prints one line at the end; a slow one a line per interval."""
+    assert list(progress(range(1000), desc="fast")) == list(range(1000))
+    assert [l.split(" ")[1] for l in capsys.readouterr().out.splitlines()] == ["1000/1000"]
+    for _ in progress(range(3), desc="slow", interval=0.0):
+        pass
+    assert [l.split(" ")[1] for l in capsys.readouterr().out.splitlines()] == ["1/3", "2/3", "3/3"]

@@ -165,10 +165,10 @@ def rank(cfg: Config, ground_truth_epochs: Optional[int] = None) -> dict:
     space = space_from_config(cfg)
     classes = num_classes(cfg.data)
     archs = sample_archs(space, cfg, cfg.proxy.rank_archs)
+    model, images = proxy_superformer(cfg), ntk_batch(cfg)  # checks data.root before writing
     save_config(cfg, out_dir / "config.yaml")
     log.info("ranking %d architectures", len(archs))
 
-    model, images = proxy_superformer(cfg), ntk_batch(cfg)
     rows = []
     for i, arch in enumerate(progress(archs, desc="proxies")):
         cost = arch_cost(arch, space, classes)

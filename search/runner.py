@@ -105,14 +105,14 @@ def search(cfg: Config, scorer: Scorer, cost_fn: Callable[[dict], Any]) -> dict:
     out = cfg.stage_dir(STAGE)
     state_path = out / "last.pth"
     sig = signature(cfg, space)
-    if dist.is_main():
-        save_config(cfg, out / "config.yaml")
     if dist.broadcast_object(state_path.is_file()):  # rank 0 decides: all ranks take one path
         _resume(searcher, load_checkpoint(state_path), sig, state_path)
         log.info("search: continuing from %s (%s)", state_path, _position(searcher))
     elif isinstance(searcher, Evolution):
         searcher.initialize(lambda rng: space.sample_in_range(rng, cost_fn, macs=budget.macs, params=budget.params))
         _save(searcher, sig, state_path)
+    if dist.is_main():  # only now: a bad budget or a missing checkpoint leaves no output folder
+        save_config(cfg, out / "config.yaml")
 
     total = cfg.search.steps if isinstance(searcher, Reinforce) else cfg.search.generations
     done = searcher.step_count if isinstance(searcher, Reinforce) else searcher.generation

@@ -1,0 +1,42 @@
+"""Bad input to every stage: one line `vitas: error: ...`, exit code 2, and no output folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vitas.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "yamls" / "demo-digits.yaml")
+SEED = '{"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": [2], "attn_dim": [16], "mlp_dim": [32]}'
+
+CASES = {  # name: (arguments after `vitas`, text the error must contain); {data} is a real data root
+    "train-supernet, missing data": (["train-supernet", "data.root=/no/such/dir"], "data.root"),
+    "train-supernet, bad sampling": (["train-supernet", "data.root={data}", "supernet.sampling=x"],
+                                     "supernet.sampling"),
+    "search, no superformer": (["search", "data.root={data}"], "checkpoint not found"),
+    "search, infeasible budget": (["search", "data.root={data}", "search.scorer=proxy",
+                                   "search.macs_min=5", "search.macs_max=10"], "no architecture has macs"),
+    "search, misspelt key": (["search", "search.populaton=3"], "search.population"),
+    "rank, missing data": (["rank", "data.root=/no/such/dir"], "data.root"),
+    "scale, no seed": (["scale", "data.root={data}"], "proxy.scaling_seed_arch"),
+    "scale, bad seed": (["scale", "data.root={data}", "--seed-arch", '{"depth": 1}'], "--seed-arch"),
+    "retrain, no arch": (["retrain", "data.root={data}"], "run the search first"),
+    "retrain, arch outside the space": (["retrain", "data.root={data}", "--arch", SEED], "embed_dim"),
+    "proxy, bad arch": (["proxy", "data.root={data}", "--arch", "{not json"], "not valid JSON"),
+    "proxy, missing arch file": (["proxy", "data.root={data}", "--arch", "nope.json"], "file not found"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_stage_errors_are_one_line_exit_2_and_write_nothing(name, tiny_digits, tmp_path, capsys) -> None:
+    args, needle = CASES[name]
+    out = tmp_path / "run"
+    argv = [a.replace("{data}", str(tiny_digits)) for a in args]
+    code = main([argv[0], "-c", DEMO, f"output_dir={out}", *argv[1:]])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if not line.startswith("20")]  # drop log lines
+    assert len(lines) == 1 and lines[0].startswith("vitas: error: ") and needle in lines[0], err
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))

@@ -381,21 +381,20 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def require_dir(path: str, key: str) -> Path:
-    """A folder the config names must exist: UserError naming the key otherwise."""
+def _require(path: str, key: str, kind: str) -> Path:
     if not path:
         raise UserError(f"config key '{key}' is not set")
     p = Path(path).expanduser()
-    if not p.is_dir():
-        raise UserError(f"{key}: directory not found: {p}")
+    if not (p.is_dir() if kind == "directory" else p.is_file()):
+        raise UserError(f"{key}: {kind} not found: {p}")
     return p
+
+
+def require_dir(path: str, key: str) -> Path:
+    """A folder the config names must exist: UserError naming the key otherwise."""
+    return _require(path, key, "directory")
 
 
 def require_file(path: str, key: str) -> Path:
     """A file the config names must exist: UserError naming the key otherwise."""
-    if not path:
-        raise UserError(f"config key '{key}' is not set")
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{key}: file not found: {p}")
-    return p
+    return _require(path, key, "file")

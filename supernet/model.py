@@ -19,7 +19,7 @@ from supernet.channels import ChannelPolicy, ChannelSet
 from supernet.layers import (ElasticConv2d, ElasticLayerNorm, ElasticLinear, RelativePosition2D,
                              attend, merge_heads, split_heads)
 from supernet.space import SearchSpace
-from supernet.static import Mlp, StaticViT, init_vit_weights, no_weight_decay_names
+from supernet.static import ExplicitAttention, Mlp, StaticViT, init_vit_weights, no_weight_decay_names
 
 
 class SuperStem(nn.Module):
@@ -137,7 +137,7 @@ class SuperBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class Superformer(nn.Module):
+class Superformer(ExplicitAttention, nn.Module):
     """Weight-entangled ViT supernet over `space` (see the module docstring)."""
 
     def __init__(self, space: SearchSpace, num_classes: int, drop_path: float = 0.0):
@@ -207,16 +207,6 @@ class Superformer(nn.Module):
     def active_side(self) -> str:
         """The active pass, `left` or `right`."""
         return self._side
-
-    @property
-    def explicit_attention(self) -> bool:
-        """Whether attention is written out (forward-mode AD) instead of fused SDPA."""
-        return all(b.attn.explicit for b in self.blocks)
-
-    @explicit_attention.setter
-    def explicit_attention(self, value: bool) -> None:
-        for b in self.blocks:
-            b.attn.explicit = bool(value)
 
     def active_modules(self) -> list[nn.Module]:
         """Modules the active subnet uses (some only in part)."""

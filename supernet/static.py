@@ -119,7 +119,24 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if n.endswith(NO_DECAY_SUFFIXES)}
 
 
-class StaticViT(nn.Module):
+class ExplicitAttention:
+    """`explicit_attention` for models with `blocks[i].attn.explicit`: True writes attention out
+    (forward-mode AD works), False runs fused SDPA."""
+
+    blocks: nn.ModuleList
+
+    @property
+    def explicit_attention(self) -> bool:
+        """Whether attention is written out (True) or runs through fused SDPA (False)."""
+        return all(b.attn.explicit for b in self.blocks)
+
+    @explicit_attention.setter
+    def explicit_attention(self, value: bool) -> None:
+        for b in self.blocks:
+            b.attn.explicit = bool(value)
+
+
+class StaticViT(ExplicitAttention, nn.Module):
     """A plain ViT for one architecture dict (DESIGN 2); class token always present.
 
     `pool` is `cls` (class token after the final norm) or `mean` (final norm, then mean over the
@@ -173,16 +190,6 @@ class StaticViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Token and position tables that timm's optimizer factory exempts from weight decay."""
         return no_weight_decay_names(self)
-
-    @property
-    def explicit_attention(self) -> bool:
-        """Whether attention is written out (True) or runs through fused SDPA (False)."""
-        return all(b.attn.explicit for b in self.blocks)
-
-    @explicit_attention.setter
-    def explicit_attention(self, value: bool) -> None:
-        for b in self.blocks:
-            b.attn.explicit = bool(value)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the final norm, (B, 1 + patches, embed_dim)."""

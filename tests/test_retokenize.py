@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from flop_count import torch_macs
 
 from core.config import load_config
 from core.data import write_digits
@@ -23,13 +24,6 @@ ARCH = {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": [2, 4], "attn
 @pytest.fixture(scope="module")
 def space() -> SearchSpace:
     return SearchSpace(load_config(ROOT / "yamls" / "demo-digits.yaml").space)
-
-
-def flop_macs(model: torch.nn.Module, img_size: int = 32) -> int:
-    """MACs of one image as FlopCounterMode counts them (flops / 2)."""
-    with FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, img_size, img_size))
-    return counter.get_total_flops() // 2
 
 
 def test_footnote_dilation_matches_paper():
@@ -92,7 +86,7 @@ def test_training_macs_match_flop_counter(space):
     counted = []
     for stage in sched:
         apply_stage(model, stage)
-        counted.append(flop_macs(model))
+        counted.append(torch_macs(model, 32))
         assert stage_macs(ARCH, space, 10, stage) == counted[-1]
     assert [s["epochs"] for s in report["stages"]] == [[0, 3], [3, 5], [5, 8]]
     assert [s["tokens"] for s in report["stages"]] == [5, 17, 65]
@@ -120,7 +114,7 @@ def test_retrain_follows_schedule(tmp_path):
     expected = 0
     for stage in build_schedule([[0, 2], [1, 1]], 8, 32, 2):
         apply_stage(model, stage)
-        expected += flop_macs(model) * images
+        expected += torch_macs(model, 32) * images
     assert report["train_macs"] == expected
     assert report["full_train_macs"] == 2 * images * summary["macs"]
     saved = json.loads((tmp_path / "run" / "retrain" / "summary.json").read_text())

@@ -50,12 +50,12 @@ def sample_archs(space: SearchSpace, cfg: Config, n: int) -> list[dict]:
     range, seeded by proxy.seed (a bin nobody falls into is drawn from the whole range)."""
     classes = num_classes(cfg.data)
     cost_fn = lambda a: arch_cost(a, space, classes)  # noqa: E731
-    lo, hi = cost_fn(space.min_arch()).macs, cost_fn(space.max_arch()).macs
+    space_lo, space_hi = lo, hi = space.cost_span(cost_fn)["macs"]
     lo = max(lo, cfg.search.macs_min) if cfg.search.macs_min is not None else lo
     hi = min(hi, cfg.search.macs_max) if cfg.search.macs_max is not None else hi
     if lo > hi:
         raise UserError(f"no architecture of the space has MACs in [search.macs_min, search.macs_max] "
-                        f"(the space spans {cost_fn(space.min_arch()).macs}..{cost_fn(space.max_arch()).macs})")
+                        f"(the space spans {space_lo}..{space_hi})")
     rng = np.random.default_rng(cfg.proxy.seed)
     edges = np.linspace(lo, hi, n + 1)
     archs: dict[str, dict] = {}

@@ -236,23 +236,46 @@ class SearchSpace:
             "mlp_dim": [_pick(rng, self.allowed_mlp(embed)) for _ in range(depth)],
         }
 
+    def _widest_attention(self, largest: bool) -> tuple[int, int]:
+        """(heads, attn_dim) of the widest (or narrowest) attention a layer can take, over every
+        head count: the extreme width need not be reachable with the extreme head count."""
+        pairs = [(attn, heads) for heads in self.head_choices for attn in self.allowed_attn(heads)]
+        attn, heads = max(pairs) if largest else min(pairs)  # ties: more heads / fewer heads
+        return heads, attn
+
     def max_arch(self) -> dict:
-        """The most costly subnet: smallest patch, every width and the depth at their maximum."""
-        embed, depth, heads = self.embed_choices[-1], self.depth_choices[-1], self.head_choices[-1]
+        """The most costly subnet: smallest patch (most tokens), every width and the depth at
+        their maximum."""
+        embed, depth = self.embed_choices[-1], self.depth_choices[-1]
+        heads, attn = self._widest_attention(largest=True)
         return {
             "patch_size": self.patch_sizes[0], "embed_dim": embed, "depth": depth,
-            "num_heads": [heads] * depth, "attn_dim": [self.allowed_attn(heads)[-1]] * depth,
+            "num_heads": [heads] * depth, "attn_dim": [attn] * depth,
             "mlp_dim": [max(self.allowed_mlp(embed))] * depth,
         }
 
     def min_arch(self) -> dict:
-        """The cheapest subnet: largest patch, every width and the depth at their minimum."""
-        embed, depth, heads = self.embed_choices[0], self.depth_choices[0], self.head_choices[0]
+        """The cheapest subnet: largest patch (fewest tokens), every width and the depth at their
+        minimum."""
+        embed, depth = self.embed_choices[0], self.depth_choices[0]
+        heads, attn = self._widest_attention(largest=False)
         return {
             "patch_size": self.patch_sizes[-1], "embed_dim": embed, "depth": depth,
-            "num_heads": [heads] * depth, "attn_dim": [self.allowed_attn(heads)[0]] * depth,
+            "num_heads": [heads] * depth, "attn_dim": [attn] * depth,
             "mlp_dim": [min(self.allowed_mlp(embed))] * depth,
         }
+
+    def cost_span(self, cost_fn: Callable[[dict], Any]) -> dict[str, tuple[int, int]]:
+        """{"macs": (lo, hi), "params": (lo, hi)}: the exact range of `cost_fn` over the space.
+
+        Cost grows with every width and the depth, but not monotonically with the patch size (a
+        larger patch has fewer tokens but a larger stem: at 224 px patch 32 has more parameters
+        than patch 14), so the extremes are taken over every patch size.
+        """
+        ends = [cost_fn({**arch, "patch_size": patch}) for arch in (self.min_arch(), self.max_arch())
+                for patch in self.patch_sizes]
+        return {name: (min(getattr(c, name) for c in ends), max(getattr(c, name) for c in ends))
+                for name in ("macs", "params")}
 
     def sample_in_range(
         self,
@@ -264,7 +287,7 @@ class SearchSpace:
     ) -> dict:
         """Rejection-sample an architecture whose `cost_fn(arch)` (.macs, .params) is in range.
 
-        Fails at once when the range misses [min_arch, max_arch] cost, and after `max_tries`
+        Fails at once when the range misses the space's `cost_span`, and after `max_tries`
         otherwise, with an error that names the range: it never loops forever.
         """
         def inside(cost: Any) -> bool:
@@ -273,9 +296,9 @@ class SearchSpace:
                 for value, (lo, hi) in ((cost.macs, macs), (cost.params, params))
             )
 
-        lo_cost, hi_cost = cost_fn(self.min_arch()), cost_fn(self.max_arch())
-        for name, (lo, hi), a, b in (("macs", macs, lo_cost.macs, hi_cost.macs),
-                                     ("params", params, lo_cost.params, hi_cost.params)):
+        span = self.cost_span(cost_fn)
+        for name, (lo, hi) in (("macs", macs), ("params", params)):
+            a, b = span[name]
             if (lo is not None and lo > b) or (hi is not None and hi < a) or (
                     lo is not None and hi is not None and lo > hi):
                 raise UserError(f"no architecture has {name} in [{lo}, {hi}]: the space spans [{a}, {b}]")

@@ -7,6 +7,7 @@ import pytest
 
 from core.config import ChannelsConfig, SpaceConfig, load_config
 from core.errors import UserError
+from supernet.complexity import arch_cost
 from supernet.space import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,43 @@ def test_min_max_are_valid_and_ordered():
     s = space("autoformer-T")
     assert s.validate(s.max_arch())["embed_dim"] == 240
     assert s.validate(s.min_arch())["depth"] == 12
+
+
+def test_min_max_reach_the_extreme_attention_width():
+    # 66 is reachable only with 3 heads and 44 only with 4: the extremes are not tied to the head count.
+    s = SearchSpace(SpaceConfig(name="odd", img_size=32, patch_size=[8], embed_dim=[32], depth=[2],
+                                num_heads=[3, 4], attn_dim=[44, 48, 66], mlp_dim=[64]))
+    assert (s.max_arch()["num_heads"], s.max_arch()["attn_dim"]) == ([3, 3], [66, 66])
+    assert (s.min_arch()["num_heads"], s.min_arch()["attn_dim"]) == ([4, 4], [44, 44])
+    cost = lambda a: arch_cost(a, s, 10)  # noqa: E731
+    macs = sorted(cost(s.validate({**s.max_arch(), "num_heads": [h, h], "attn_dim": [a, a]})).macs
+                  for h in (3, 4) for a in s.allowed_attn(h))
+    assert s.cost_span(cost)["macs"] == (macs[0], macs[-1])
+
+
+@pytest.mark.parametrize("name", SPACES)
+def test_cost_span_bounds_every_architecture(name):
+    s, rng = space(name), random.Random(0)
+    cost = lambda a: arch_cost(a, s, 1000)  # noqa: E731
+    span = s.cost_span(cost)
+    for _ in range(300):
+        c = cost(s.sample(rng))
+        assert span["macs"][0] <= c.macs <= span["macs"][1]
+        assert span["params"][0] <= c.params <= span["params"][1]
+
+
+def test_params_range_beyond_max_arch_is_feasible():
+    # Parameters are not monotone in the patch size (patch 16's stem is 4x patch 8's): the
+    # smallest-patch max_arch is not the largest model, and a range above it can still be met.
+    s = SearchSpace(SpaceConfig(name="patches", img_size=32, patch_size=[8, 16], embed_dim=[32, 48],
+                                depth=[1], num_heads=[2], attn_dim=[32], mlp_dim=[32, 64]))
+    cost = lambda a: arch_cost(a, s, 10)  # noqa: E731
+    above = cost(s.max_arch()).params + 1
+    arch = s.sample_in_range(random.Random(0), cost, params=(above, None))
+    assert arch["patch_size"] == 16 and cost(arch).params >= above
+    hi = s.cost_span(cost)["params"][1]
+    with pytest.raises(UserError, match=rf"no architecture has params in \[{hi + 1}, None\].*\[\d+, {hi}\]"):
+        s.sample_in_range(random.Random(0), cost, params=(hi + 1, None))
 
 
 @pytest.mark.parametrize("change, message", [

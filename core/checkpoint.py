@@ -67,13 +67,17 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load with `weights_only=True`; missing files and refused pickles are UserErrors."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict:
+    """Load with `weights_only=True`; missing files and refused pickles are UserErrors.
+
+    `mmap=True` maps tensors from the file instead of reading them (cheap when only the plain
+    values are wanted)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
         raise UserError(f"refusing to load {path}: not a plain-weights checkpoint ({first})") from None

@@ -11,7 +11,7 @@ the left and right passes are scored and their accuracies averaged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import Subset
@@ -108,6 +108,16 @@ class AccuracyScorer(Scorer):
         self.passes = sides(cfg)
         self._model: Optional[Superformer] = None
         self._batches: Batches = []
+
+    def settings(self) -> dict[str, Any]:
+        """Which superformer (path and training progress), hold-out split and passes."""
+        path = checkpoint_path(self.cfg)
+        ckpt = load_checkpoint(path, mmap=True)
+        d = self.cfg.data
+        return {"search.checkpoint": str(path.absolute()),
+                "checkpoint.progress": [ckpt.get("epoch"), ckpt.get("step")],
+                "data.root": str(Path(d.root).absolute()), "data.holdout_per_class": d.holdout_per_class,
+                "data.split_seed": d.split_seed, "passes": list(self.passes)}
 
     def setup(self) -> None:
         """Load the superformer and this rank's hold-out shard (idempotent)."""

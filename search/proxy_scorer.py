@@ -8,7 +8,8 @@ deltas of L^E minus those of kappa, As-ViT Algorithm 1.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from supernet.model import Superformer
 from supernet.space import space_from_config
 
 COMBINES = ("rank_sum", "weighted")
+# proxy.* options that change the numbers (ntk_method only changes how they are computed).
+SCORE_KEYS = ("radius", "output", "norm", "thetas", "inits", "ntk_images", "velocity", "seed")
 
 
 class ProxyScorer(Scorer):
@@ -42,6 +45,13 @@ class ProxyScorer(Scorer):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._model: Optional[Superformer] = None
         self._images: Optional[torch.Tensor] = None
+
+    def settings(self) -> dict[str, Any]:
+        """Proxy options and the data the NTK images are drawn from."""
+        p, d = self.cfg.proxy, self.cfg.data
+        return {**{f"proxy.{k}": getattr(p, k) for k in SCORE_KEYS},
+                "data.root": str(Path(d.root).absolute()), "data.holdout_per_class": d.holdout_per_class,
+                "data.split_seed": d.split_seed}
 
     def setup(self) -> None:
         """Build the superformer and read the NTK images (idempotent)."""

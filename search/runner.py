@@ -3,7 +3,7 @@
 Runs the GA, NSGA-II or RL search over the configured scorer in one process, under torchrun or as
 Slurm tasks: every rank runs the same search (same seeds, rank 0's scores broadcast) and shares the
 scoring work; rank 0 writes. The state is saved to `<output_dir>/search/last.pth` after every
-generation (every few RL steps), and a search started again with the same output_dir continues
+generation or RL step, and a search started again with the same output_dir continues
 from it to the same result. With `search.array_jobs > 0` the candidates of each round are split
 into that many chunks, scored as a Slurm job array (`core.launch.submit_array`; submitit's local
 executor without sbatch) and merged.
@@ -32,12 +32,11 @@ from search.report import entry, write_outputs
 from search.rl import Reinforce
 from search.scorers import Scorer, create_scorer, scorer_class
 from supernet.complexity import arch_cost
-from supernet.space import SearchSpace, space_from_config
+from supernet.space import space_from_config
 
 STAGE = "search"
 ENTRY = "search.runner:run"
 ALGORITHMS = ("ga", "nsga2", "rl")
-RL_SAVE_EVERY = 10
 # Settings that shape the search path: a saved state made under others is not continued.
 PATH_KEYS = ("algorithm", "scorer", "seed", "population", "constraint", "macs_min", "macs_max",
              "params_min", "params_max", "mutation_prob", "crossover_prob", "rl_lr",
@@ -67,9 +66,11 @@ class ArrayScoring:
         return [metrics for job in jobs for metrics in wait_result(job)]
 
 
-def signature(cfg: Config, space: SearchSpace) -> dict:
-    """What a saved state must agree on to be continued: search-path settings and the space."""
-    return {**{f"search.{k}": getattr(cfg.search, k) for k in PATH_KEYS}, "space": space.spec()}
+def signature(cfg: Config, scorer: Scorer) -> dict:
+    """What a saved state must agree on to be continued: search-path settings, the scorer's own
+    settings (what its cached numbers depend on) and the space."""
+    return {**{f"search.{k}": getattr(cfg.search, k) for k in PATH_KEYS}, **scorer.settings(),
+            "space": scorer.space.spec()}
 
 
 def check_config(cfg: Config) -> None:
@@ -104,7 +105,7 @@ def search(cfg: Config, scorer: Scorer, cost_fn: Callable[[dict], Any]) -> dict:
     searcher = build_searcher(cfg, archive)
     out = cfg.stage_dir(STAGE)
     state_path = out / "last.pth"
-    sig = signature(cfg, space)
+    sig = signature(cfg, scorer)
     if dist.broadcast_object(state_path.is_file()):  # rank 0 decides: all ranks take one path
         _resume(searcher, load_checkpoint(state_path), sig, state_path)
         log.info("search: continuing from %s (%s)", state_path, _position(searcher))
@@ -141,8 +142,7 @@ def _advance(searcher: Searcher, sig: dict, state_path: Path, logger: RunLogger)
         info = searcher.step()
         logger.log(info["step"], reward=info["reward"], baseline=info["baseline"],
                    entropy=info["entropy"], archs=len(archive))
-        if searcher.step_count % RL_SAVE_EVERY == 0:
-            _save(searcher, sig, state_path)
+        _save(searcher, sig, state_path)
         return
     bred = searcher.step()
     best = archive.best()

@@ -121,6 +121,11 @@ class Scorer:
                 self.cache[key] = _plain(metrics)
         return [dict(self.cache[k]) for k in keys]
 
+    def settings(self) -> dict[str, Any]:
+        """The settings this scorer's numbers depend on, by dotted key: a search resumed under
+        other values would rank incomparable scores together, so the runner refuses it."""
+        return {}
+
     def fitness(self, records: Sequence[dict]) -> np.ndarray:
         """Higher is better, over all `records` together; default: signed sum of `reward_terms`."""
         return weighted_sum(records, self.reward_terms)

@@ -210,6 +210,16 @@ def test_search_with_proxy_scorer_end_to_end(tmp_path, digits, algorithm: str) -
     assert (tmp_path / "search" / "arch.json").is_file() and result
 
 
+def test_proxy_search_resumed_with_other_proxy_settings_is_refused(tmp_path, digits) -> None:
+    """Cached L^E summed over 4 angles must not be ranked against L^E over 8."""
+    args = ("search.scorer=proxy", "search.algorithm=ga", "search.population=3")
+    runner.run(scorer_cfg(tmp_path, digits, *args, "search.generations=1"))
+    more = scorer_cfg(tmp_path, digits, *args, "search.generations=2", "proxy.thetas=8")
+    with pytest.raises(UserError, match="proxy.thetas=4"):
+        runner.run(more)
+    runner.run(scorer_cfg(tmp_path, digits, *args, "search.generations=2"))  # same settings: continues
+
+
 def test_vitas_proxy_cli(tmp_path, digits, capsys) -> None:
     arch = json.dumps(TINY | {"embed_dim": 48, "attn_dim": [32, 32], "mlp_dim": [64, 64]})
     code = cli_main(["proxy", "-c", str(DEMO), f"data.root={digits}", f"output_dir={tmp_path}",

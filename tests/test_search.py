@@ -300,6 +300,21 @@ def test_accuracy_scorer_is_holdout_top1_of_the_extracted_subnet(tiny_run: Path)
     assert sides(cfg) == ("left",)
 
 
+def test_accuracy_search_refuses_to_resume_on_a_retrained_superformer(tiny_run: Path, tmp_path: Path) -> None:
+    """Inherited accuracies cached from one superformer are not ranked against another's."""
+    ckpt = tmp_path / "supernet.pth"
+    state = load_checkpoint(tiny_run / "run" / "supernet" / "last.pth")
+    save_checkpoint(state, ckpt)
+    args = (f"output_dir={tmp_path}", f"search.checkpoint={ckpt}", "search.population=4")
+    runner.run(tiny_cfg(tiny_run, *args, "search.generations=1"))
+    save_checkpoint({**state, "epoch": 2}, ckpt)  # trained on for another epoch
+    with pytest.raises(UserError, match=r"checkpoint.progress=\[1, None\]"):
+        runner.run(tiny_cfg(tiny_run, *args, "search.generations=2"))
+    save_checkpoint(state, ckpt)
+    with pytest.raises(UserError, match="data.holdout_per_class=5"):
+        runner.run(tiny_cfg(tiny_run, *args, "search.generations=2", "data.holdout_per_class=4"))
+
+
 def test_bilateral_accuracy_averages_left_and_right_and_ema_is_preferred(tiny_run: Path, tmp_path: Path) -> None:
     cfg = tiny_cfg(tiny_run, f"output_dir={tmp_path}", "space.channels.mlp=bilateral")
     space = space_from_config(cfg)

@@ -29,6 +29,7 @@ def _proxy(args: argparse.Namespace) -> None:
     arch = space_from_config(cfg).validate(load_arch(args.arch))
     scores = proxy_scores(proxy_superformer(cfg), arch, ntk_batch(cfg), cfg.proxy)
     print(f"architecture: {json.dumps(arch)}")
-    print(f"  L^E {scores['length_distortion']:.6g}  kappa {scores['ntk_condition']}  "
-          f"curvature {scores['curvature']}  valid {scores['valid']}")
+    shown = {k: "-" if v is None else f"{v:.6g}" for k, v in scores.items() if k != "valid"}
+    print(f"  L^E {shown['length_distortion']}  kappa {shown['ntk_condition']}  "
+          f"curvature {shown['curvature']}  valid {scores['valid']}")
     print(json.dumps(scores))

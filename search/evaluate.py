@@ -5,7 +5,7 @@ Weights come from the trained superformer (`search.checkpoint`, default
 taken from `train/` (`data.holdout_per_class` per class), never `val/`. Each rank holds its own
 unpadded shard of them in memory as one tensor, decoded once, and the correct counts are summed
 over ranks, so the result equals a single process's. The superformer has no BatchNorm, so a
-subnet needs no recalibration. With a `bilateral` channel policy (or `supernet.sampling: bcnet`)
+subnet needs no recalibration. With a `bilateral` channel policy
 the left and right passes are scored and their accuracies averaged.
 """
 from __future__ import annotations
@@ -54,10 +54,10 @@ def load_superformer(cfg: Config, space: SearchSpace, device: torch.device | str
 
 
 def sides(cfg: Config) -> tuple[str, ...]:
-    """Passes an architecture is scored on: ("left", "right") for BCNet-style bilateral widths."""
+    """Passes an architecture is scored on: ("left", "right") for BCNet-style bilateral widths
+    (the right pass of any other space repeats the left)."""
     c = cfg.space.channels
-    bilateral = "bilateral" in (c.embed, c.attn, c.mlp) or cfg.supernet.sampling == "bcnet"
-    return ("left", "right") if bilateral else ("left",)
+    return ("left", "right") if "bilateral" in (c.embed, c.attn, c.mlp) else ("left",)
 
 
 def holdout_batches(cfg: Config, batch_size: int, device: torch.device | str = "cpu") -> Batches:

@@ -69,8 +69,10 @@ def step_passes(space: SearchSpace, sampling: str, seed: int, step: int) -> list
         return [Pass("rand", arch, "left")]
     if sampling == "bcnet":
         return [Pass("left", arch, "left"), Pass("right", arch, "right")]
-    if sampling == "sandwich":
-        return [Pass("max", space.max_arch()), Pass("min", space.min_arch()), Pass("rand", arch)]
+    if sampling == "sandwich":  # min and random on one side per step, as uniform draws it
+        side = "right" if is_bilateral(space) and rng.integers(2) else "left"
+        return [Pass("max", space.max_arch()), Pass("min", space.min_arch(), side),
+                Pass("rand", arch, side)]
     raise UserError(f"supernet.sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
 
 
@@ -93,6 +95,10 @@ def check_section(cfg: Config) -> None:
     for key in ("val_random_archs", "save_every_steps", "log_every_steps", "warmup_epochs"):
         if getattr(sec, key) < 0:
             raise UserError(f"supernet.{key} must be >= 0, got {getattr(sec, key)}")
+    channels = cfg.space.channels
+    if sec.sampling == "bcnet" and "bilateral" not in (channels.embed, channels.attn, channels.mlp):
+        raise UserError("supernet.sampling=bcnet needs a bilateral channel policy in space.channels "
+                        "(embed, attn or mlp): without one the right pass repeats the left")
     if sec.distill and sec.sampling != "sandwich":
         raise UserError("supernet.distill needs supernet.sampling=sandwich (the max subnet teaches)")
 

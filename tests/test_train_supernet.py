@@ -35,6 +35,9 @@ def test_step_passes_per_mode_and_deterministic() -> None:
              for mode in ("autoslim", "bcnet", "sandwich")}
     assert names == {"autoslim": [("rand", "left")], "bcnet": [("left", "left"), ("right", "right")],
                      "sandwich": [("max", "left"), ("min", "left"), ("rand", "left")]}
+    # A bilateral space's min and random subnets train both sides over the steps, one per step.
+    sides = {tuple(p.side for p in step_passes(space, "sandwich", 0, s)) for s in range(20)}
+    assert sides == {("left", "left", "left"), ("left", "right", "right")}
     sandwich = step_passes(space, "sandwich", 0, 5)
     assert sandwich[0].arch == space.max_arch() and sandwich[1].arch == space.min_arch()
     bc = step_passes(space, "bcnet", 0, 5)

@@ -248,10 +248,15 @@ class Superformer(ExplicitAttention, nn.Module):
 
     @torch.no_grad()
     def extract(self, arch: Optional[dict] = None, side: Optional[str] = None) -> StaticViT:
-        """A StaticViT of `arch` (default: the active one) with COPIED weights; the active subnet
-        is left as it was. It computes what this superformer computes with `arch` active (eval)."""
+        """A StaticViT of `arch` on pass `side` with COPIED weights; the active subnet is left as
+        it was. It computes what this superformer computes with `arch` active (eval).
+
+        Defaults: the active architecture on the active side; a given `arch` on the left side, so
+        the result never depends on which pass happened to be active before."""
         previous = (self._arch, self._side)
-        self.set_active(arch if arch is not None else self._arch, side or self._side)
+        if side is None:
+            side = self._side if arch is None else "left"
+        self.set_active(arch if arch is not None else self._arch, side)
         try:
             static = StaticViT(**self.static_args(self._arch))
             static.load_state_dict(self._active_state_dict())

@@ -98,6 +98,18 @@ def test_extract_matches_superformer(name: str, policy: str):
     assert len(seen) > 40
 
 
+def test_extract_of_a_given_arch_defaults_to_the_left_pass():
+    model = build(vitas_space("bilateral"))
+    arch = model.space.min_arch()
+    model.set_active(model.space.max_arch(), side="right")
+    left, right = model.extract(arch, side="left"), model.extract(arch, side="right")
+    assert torch.equal(model.extract(arch).blocks[0].mlp.fc1.weight, left.blocks[0].mlp.fc1.weight)
+    assert not torch.equal(left.blocks[0].mlp.fc1.weight, right.blocks[0].mlp.fc1.weight)
+    assert model.active_side == "right"
+    model.set_active(arch, side="right")
+    assert torch.equal(model.extract().blocks[0].mlp.fc1.weight, right.blocks[0].mlp.fc1.weight)
+
+
 def test_extract_leaves_active_arch_and_copies_weights():
     model = build(vitas_space())
     model.set_min()

@@ -72,6 +72,9 @@ def sample_archs(space: SearchSpace, cfg: Config, n: int) -> list[dict]:
     if len(archs) < 2:
         raise UserError(f"found {len(archs)} distinct architecture(s) with MACs in [{lo}, {hi}]; "
                         "a ranking needs at least 2: widen search.macs_min/max")
+    if len(archs) < n:
+        log.warning("rank: found %d distinct architectures of the %d asked (proxy.rank_archs) with "
+                    "MACs in [%d, %d]; the space or the range is too small for more", len(archs), n, lo, hi)
     return sorted(archs.values(), key=lambda a: cost_fn(a).macs)
 
 

@@ -20,8 +20,12 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models._hub import save_for_hf
 
+from core.errors import UserError
 from supernet.model import Superformer
 from supernet.static import StaticViT
+
+# What an export folder holds: only such a folder (or an empty one) may be replaced.
+EXPORT_FILES = frozenset({"config.json", "model.safetensors"})
 
 # Any timm ViT entry point will do: every architecture argument is overridden by model_args.
 TIMM_VIT = "vit_base_patch16_224"
@@ -72,9 +76,12 @@ def export(
     """Write `model` (a StaticViT, or a (superformer, arch) pair, extracted first) to `out_dir`.
 
     `data_config` (e.g. mean, std, interpolation, crop_pct) is recorded as the model's
-    preprocessing (default: ImageNet mean/std, bicubic, crop 0.875). Returns the folder. An existing `out_dir` is replaced only once the new one is
-    complete.
+    preprocessing (default: ImageNet mean/std, bicubic, crop 0.875). Returns the folder. An
+    earlier export at `out_dir` is replaced only once the new one is complete; anything else
+    there (a file, a folder with other contents) is refused, never deleted.
     """
+    out = Path(out_dir)
+    check_export_target(out)
     if isinstance(model, tuple):
         supernet, arch = model
         static = supernet.extract(arch)
@@ -87,12 +94,12 @@ def export(
         name, build_args = "vitas_vit", args
     target = timm.create_model(name, pretrained=False, pretrained_cfg=_pretrained_cfg(name, args), **build_args)
     target.load_state_dict({k: v.detach().cpu() for k, v in static.state_dict().items()})
-    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_for_hf(target, tmp, model_config={"vitas_arch": args["arch"]}, model_args=build_args,
                     safe_serialization=True, data_config=data_config)
+        _usual_permissions(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / "dir")
@@ -104,6 +111,27 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_export_target(out: Path) -> None:
+    """UserError unless `out` is free, an empty folder or an earlier export (safe to replace)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"export: {out} exists and is not a folder; give a new folder path")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+        if other:
+            raise UserError(f"export: {out} holds other files ({', '.join(other[:3])}"
+                            f"{', ...' if len(other) > 3 else ''}), not an earlier export; "
+                            "give a new or empty folder")
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp and safetensors create owner-only entries: give them the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def load_exported(path: Union[str, os.PathLike]) -> torch.nn.Module:

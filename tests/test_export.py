@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -11,7 +12,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from core.checkpoint import save_checkpoint
 from core.config import ChannelsConfig, Config, SpaceConfig
-from supernet.export import export, load_exported
+from core.errors import UserError
+from supernet.export import EXPORT_FILES, export, load_exported
 from supernet.model import Superformer
 from supernet.space import SearchSpace
 from supernet.static import StaticViT
@@ -93,6 +95,27 @@ def test_export_replaces_a_folder_atomically(tmp_path):
     export((model, uniform(embed=32, heads=4, mlp=64)), out)
     assert json.loads((out / "config.json").read_text())["vitas_arch"]["embed_dim"] == 32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_export_refuses_what_is_not_an_earlier_export(tmp_path):
+    model = supernet()
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="is not a folder"):
+        export((model, uniform()), tmp_path / "notes.txt")
+    run = tmp_path / "retrain"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"checkpoint")
+    with pytest.raises(UserError, match=r"holds other files \(last.pth\)"):
+        export((model, uniform()), run)
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and (run / "last.pth").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "retrain"]
+    (tmp_path / "empty").mkdir()
+    out = export((model, uniform()), tmp_path / "empty")
+    assert sorted(p.name for p in out.iterdir()) == sorted(EXPORT_FILES)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_cli_export_from_superformer_and_retrain_checkpoints(tmp_path, capsys):

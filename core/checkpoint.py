@@ -79,10 +79,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise UserError(f"refusing to load {path}: not a plain-weights checkpoint ({first})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"refusing to load {path}: {_refusal(str(exc))}; vitas loads checkpoints "
+                        "with weights_only=True only") from None
+    except EOFError:
+        raise UserError(f"cannot read checkpoint {path}: the file is empty or cut short") from None
+    except (RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+
+
+def _refusal(message: str) -> str:
+    """Why torch's weights-only unpickler refused a file, in a few words (torch's own message
+    suggests weights_only=False, which is exactly what must not be done)."""
+    for line in message.splitlines():
+        if "GLOBAL" in line:
+            return f"its pickle asks for code ({line.strip().rstrip('.')})"
+    return "it is not a checkpoint of tensors and plain values (another format, or a pickle that may run code)"
 
 
 def check_space(recorded: dict, current: dict, path: str | os.PathLike = "checkpoint") -> None:

@@ -60,7 +60,27 @@ def test_weights_only_refuses_code(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"model": RunsCode()}, f)
-    with pytest.raises(UserError, match="refusing to load"):
+    with pytest.raises(UserError, match="refusing to load.*may run code") as err:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(err.value)  # never advise the unsafe load
+    torch.save({"model": RunsCode()}, path)  # torch's own format: the unpickler names the call
+    with pytest.raises(UserError, match="refusing to load.*asks for code.*GLOBAL .*system"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty or cut short"),
+    (b'{"model": 1}', "not a checkpoint of tensors"),
+    (b"\x80\x04garbage", "not a checkpoint of tensors"),
+    ("truncated", "cannot read checkpoint"),
+])
+def test_unreadable_checkpoints_are_user_errors(tmp_path, content, message):
+    path = tmp_path / "bad.pth"
+    if content == "truncated":
+        save_checkpoint({"w": torch.ones(100)}, path)
+        content = path.read_bytes()[:200]
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
         load_checkpoint(path)
 
 

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 
 import timm
 import torch
+from safetensors import SafetensorError
 from timm.data import resolve_data_config
 from torch import nn
 
@@ -43,7 +44,7 @@ def _load_exported(folder: Path) -> LoadedModel:
         raise UserError(f"{folder} is not an exported model folder (no config.json)")
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise UserError(f"cannot load exported model {folder}: {str(exc).splitlines()[0]}") from None
     cfg = resolve_data_config({}, model=model)
     data = DataConfig(interpolation=cfg["interpolation"], mean=list(cfg["mean"]), std=list(cfg["std"]),
@@ -63,14 +64,20 @@ def load_model(path_or_url: str, sha256: Optional[str] = None, cache: Optional[s
         if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
             raise UserError(f"{path_or_url} is not a retrain checkpoint (no 'model'/'model_args'); "
                             "export a superformer subnet first with `vitas export --arch`")
-        model = StaticViT(**ckpt["model_args"])
+        if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt.get("config"), dict):
+            raise UserError(f"{path_or_url} is not a retrain checkpoint: 'model_args' and 'config' "
+                            "must be mappings")
+        try:
+            model = StaticViT(**ckpt["model_args"])
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise UserError(f"{path_or_url}: its model_args do not describe a model ({exc})") from None
         try:
             model.load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, AttributeError) as exc:
             raise UserError(f"{path_or_url}: weights do not fit its model_args "
                             f"({str(exc).splitlines()[0]})") from None
         data = config_from_dict(ckpt["config"]).data
-        loaded = LoadedModel(model.eval(), data, ckpt["model_args"]["img_size"], ckpt.get("class_names"))
+        loaded = LoadedModel(model.eval(), data, model.model_args["img_size"], ckpt.get("class_names"))
     return loaded._replace(model=loaded.model.to(device))
 
 

@@ -130,3 +130,28 @@ def test_not_a_retrain_checkpoint(setup, tmp_path, capsys):
         load_model(str(tmp_path / "super.pth"))
     code, _, err = vitas(capsys, "evaluate", "--checkpoint", tmp_path / "absent.pth", "--data", data)
     assert code == 2 and "checkpoint not found" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("config"), "'model_args' and 'config' must be mappings"),
+    (lambda c: c.update(model_args=[1, 2]), "'model_args' and 'config' must be mappings"),
+    (lambda c: c["model_args"].update(colour="red"), "model_args do not describe a model"),
+    (lambda c: c["model_args"]["arch"].update(depth=3), "model_args do not describe a model"),
+    (lambda c: c.update(model={"head.weight": torch.zeros(1)}), "weights do not fit"),
+])
+def test_crafted_retrain_checkpoints_are_user_errors(setup, tmp_path, change, message):
+    _, _, ckpt, _ = setup
+    state = torch.load(ckpt, weights_only=True)
+    change(state)
+    save_checkpoint(state, tmp_path / "crafted.pth")
+    with pytest.raises(UserError, match=message):
+        load_model(str(tmp_path / "crafted.pth"))
+
+
+def test_truncated_export_is_a_user_error(setup, tmp_path):
+    _, _, _, model = setup
+    out = export(model, tmp_path / "exported")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot load exported model"):
+        load_model(str(out))

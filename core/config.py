@@ -339,10 +339,12 @@ def read_yaml(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)
     except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+        raise UserError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
 
 
 def config_from_dict(tree: dict) -> Config:

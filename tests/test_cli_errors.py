@@ -40,3 +40,46 @@ def test_stage_errors_are_one_line_exit_2_and_write_nothing(name, tiny_digits, t
     lines = [line for line in err.splitlines() if not line.startswith("20")]  # drop log lines
     assert len(lines) == 1 and lines[0].startswith("vitas: error: ") and needle in lines[0], err
     assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+
+
+TINY = '{"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": [2, 2], "attn_dim": [32, 32], "mlp_dim": [64, 64]}'
+
+
+def last_json(capsys: pytest.CaptureFixture) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_overrides_may_stand_before_and_after_options(capsys) -> None:
+    assert main(["arch", "cost", "-c", DEMO, "--arch", TINY, "space.img_size=64"]) == 0
+    after = last_json(capsys)
+    assert main(["arch", "cost", "-c", DEMO, "space.img_size=64", "--arch", TINY, "data.workers=0"]) == 0
+    assert last_json(capsys) == after
+    assert main(["arch", "cost", "-c", DEMO, "--arch", TINY]) == 0
+    assert last_json(capsys) != after  # the override took effect wherever it stood
+
+
+def test_unknown_option_names_the_subcommand(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["arch", "cost", "-c", DEMO, "--arch", TINY, "--colour", "red"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "vitas arch cost: error: unrecognized arguments: --colour" in err
+
+
+def test_debug_works_after_the_command() -> None:
+    from core.errors import UserError
+    with pytest.raises(UserError, match="missing field"):
+        main(["arch", "cost", "-c", DEMO, "--arch", '{"depth": 1}', "--debug"])
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"space:\n\timg_size: 32\n", "is not valid YAML: while scanning"),
+    (b"space: [1, 2\n", "is not valid YAML"),
+    (b"space: !!python/object:os.system {}\n", "is not valid YAML"),
+    (b"\xff\xfe\x00s", "is not UTF-8 text"),
+])
+def test_broken_config_files_are_one_line(tmp_path, capsys, content, needle) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_bytes(content)
+    assert main(["arch", "sample", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vitas: error: config file") and needle in err, err

@@ -28,14 +28,40 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"vitas.commands.{info.name}")
         module.register(sub)
+    _remember_parsers(parser)
     return parser
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command's namespace its own parser, so that errors print its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.set_defaults(command_parser=command)
+                _remember_parsers(command)
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse `argv`; `KEY=VALUE` overrides may stand anywhere after the command, before or after
+    its options (argparse alone takes only one run of positionals), and `--debug` anywhere."""
+    debug = "--debug" in argv
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    if extra:
+        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+        if hasattr(args, "overrides") and len(overrides) == len(extra):
+            args.overrides = [*args.overrides, *overrides]
+        else:
+            (getattr(args, "command_parser", None) or parser).error(
+                f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -97,6 +97,15 @@ def _refusal(message: str) -> str:
     return "it is not a checkpoint of tensors and plain values (another format, or a pickle that may run code)"
 
 
+def model_weights(ckpt: dict, source: str | os.PathLike, ema: bool = False) -> dict:
+    """The raw weights of a checkpoint, or with `ema` its EMA weights (a UserError without them)."""
+    if not ema:
+        return ckpt["model"]
+    if ckpt.get("ema") is None:
+        raise UserError(f"{source} has no EMA weights (it was trained with EMA off); drop --ema")
+    return ckpt["ema"]
+
+
 def check_space(recorded: dict, current: dict, path: str | os.PathLike = "checkpoint") -> None:
     """Fail, naming the first differing field, when a checkpoint's space is not the current one."""
     for key in sorted(set(recorded) | set(current)):

@@ -186,7 +186,7 @@ class InferenceConfig:
     sha256: Optional[str] = None
     cache_dir: Optional[str] = None
     batch_size: int = 256
-    topk: int = 5
+    ema: bool = False  # evaluate the checkpoint's EMA weights instead of its raw ones
 
 
 @dataclass

@@ -20,7 +20,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from core import dist
-from core.checkpoint import write_json
+from core.checkpoint import model_weights, write_json
 from core.config import Config, DataConfig, config_from_dict
 from core.data import build_dataset, class_names, create_loader
 from core.errors import UserError
@@ -54,10 +54,14 @@ def _load_exported(folder: Path) -> LoadedModel:
 
 
 def load_model(path_or_url: str, sha256: Optional[str] = None, cache: Optional[str] = None,
-               device: torch.device | str = "cpu") -> LoadedModel:
-    """A retrain checkpoint (file or URL) or an exported folder, ready for inference on `device`."""
+               device: torch.device | str = "cpu", ema: bool = False) -> LoadedModel:
+    """A retrain checkpoint (file or URL; its EMA weights with `ema`) or an exported folder,
+    ready for inference on `device`."""
     local = Path(path_or_url).expanduser()
     if not is_url(path_or_url) and local.is_dir():
+        if ema:
+            raise UserError(f"{local} is an exported folder, which holds one set of weights: "
+                            "--ema applies to checkpoints")
         loaded = _load_exported(local)
     else:
         ckpt = load_remote(path_or_url, sha256, cache)
@@ -72,7 +76,7 @@ def load_model(path_or_url: str, sha256: Optional[str] = None, cache: Optional[s
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise UserError(f"{path_or_url}: its model_args do not describe a model ({exc})") from None
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(model_weights(ckpt, path_or_url, ema))
         except (RuntimeError, TypeError, AttributeError) as exc:
             raise UserError(f"{path_or_url}: weights do not fit its model_args "
                             f"({str(exc).splitlines()[0]})") from None
@@ -94,13 +98,13 @@ def check_classes(loaded: LoadedModel, names: list[str], root: str) -> None:
 
 def evaluate_checkpoint(path_or_url: str, data_root: str, sha256: Optional[str] = None,
                         cache: Optional[str] = None, batch_size: int = 256, workers: int = 2,
-                        split: str = "val") -> dict:
+                        split: str = "val", ema: bool = False) -> dict:
     """`{"top1", "top5", "images"}` (percent) on `data_root/<split>`, summed over all ranks.
 
     `batch_size` is the global batch: each of W processes takes `ceil(batch_size / W)` images.
     """
     info = dist.init_distributed()
-    loaded = load_model(path_or_url, sha256, cache, info.device)
+    loaded = load_model(path_or_url, sha256, cache, info.device, ema)
     data = dataclasses.replace(loaded.data, root=str(data_root), workers=workers)
     check_classes(loaded, class_names(data), str(data_root))
     dataset = build_dataset(data, split, loaded.img_size, is_training=False)
@@ -114,7 +118,8 @@ def run(cfg: Config) -> dict:
     checkpoint) on `data.root`; writes `<output_dir>/evaluate/result.json` and prints the JSON."""
     checkpoint = cfg.inference.checkpoint or str(cfg.stage_dir("retrain") / "last.pth")
     result = evaluate_checkpoint(checkpoint, cfg.data.root, cfg.inference.sha256,
-                                 cfg.inference.cache_dir, cfg.inference.batch_size, cfg.data.workers)
+                                 cfg.inference.cache_dir, cfg.inference.batch_size, cfg.data.workers,
+                                 ema=cfg.inference.ema)
     if dist.is_main():
         write_json({"checkpoint": checkpoint, "data": cfg.data.root, **result},
                    cfg.stage_dir("evaluate") / "result.json")

@@ -30,11 +30,11 @@ def _read(path: str) -> Image.Image:
 
 @torch.no_grad()
 def predict(path_or_url: str, images: Sequence[str], data_root: Optional[str] = None, topk: int = 5,
-            sha256: Optional[str] = None, cache: Optional[str] = None) -> list[dict]:
+            sha256: Optional[str] = None, cache: Optional[str] = None, ema: bool = False) -> list[dict]:
     """For each image `{"image", "topk": [{"class", "index", "prob"}, ...]}`, most likely first."""
     if not images:
         raise UserError("no images given")
-    loaded = load_model(path_or_url, sha256, cache)
+    loaded = load_model(path_or_url, sha256, cache, ema=ema)
     outputs = loaded.model.num_classes
     names = loaded.class_names
     if data_root:

@@ -155,3 +155,26 @@ def test_truncated_export_is_a_user_error(setup, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(UserError, match="cannot load exported model"):
         load_model(str(out))
+
+
+def test_ema_weights_for_evaluate_predict_and_export(setup, tmp_path, capsys):
+    tmp, data, ckpt, model = setup
+    image = sorted((data / "val" / "0").glob("*.png"))[0]
+    with pytest.raises(UserError, match="has no EMA weights"):
+        load_model(str(ckpt), ema=True)
+    state = torch.load(ckpt, weights_only=True)
+    ema = {k: v.clone() for k, v in state["model"].items()}
+    ema["head.bias"] = -ema["head.bias"]  # the EMA model ranks the classes the other way round
+    save_checkpoint({**state, "ema": ema}, tmp_path / "ema.pth")
+    raw, averaged = (predict(str(tmp_path / "ema.pth"), [str(image)], ema=flag)[0]["topk"][0]["index"]
+                     for flag in (False, True))
+    assert raw == predict(str(ckpt), [str(image)])[0]["topk"][0]["index"] and averaged != raw
+    code, out, err = vitas(capsys, "export", "--checkpoint", tmp_path / "ema.pth", "--ema", tmp_path / "out")
+    assert code == 0, err
+    assert predict(str(tmp_path / "out"), [str(image)])[0]["topk"][0]["index"] == averaged
+    with pytest.raises(UserError, match="exported folder"):
+        load_model(str(tmp_path / "out"), ema=True)
+    code, out, _ = vitas(capsys, "evaluate", "--checkpoint", tmp_path / "ema.pth", "--data", data, "--ema")
+    assert code == 0
+    expected = evaluate_checkpoint(str(tmp_path / "out"), str(data), workers=0)
+    assert json.loads(out.strip().splitlines()[-1]) == expected

@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache-dir", help="download cache (default: inference.cache_dir, "
                         "$VITAS_CACHE_DIR or ~/.cache/vitas)")
     parser.add_argument("--split", default="val", help="folder to evaluate on (default: val)")
+    parser.add_argument("--ema", action="store_true", default=None,
+                        help="evaluate the checkpoint's EMA weights (default: inference.ema)")
     parser.add_argument("-c", "--config", help="experiment YAML (inference.* and data.* settings)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
     parser.set_defaults(func=_evaluate)
@@ -42,7 +44,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         raise UserError("give --data DIR (or data.root)")
     result = evaluate_checkpoint(checkpoint, data, args.sha256 or cfg.inference.sha256,
                                  args.cache_dir or cfg.inference.cache_dir, cfg.inference.batch_size,
-                                 cfg.data.workers, args.split)
+                                 cfg.data.workers, args.split,
+                                 cfg.inference.ema if args.ema is None else args.ema)
     if dist.is_main():
         print(f"{checkpoint} on {data}/{args.split}: top1 {result['top1']:.2f}% "
               f"top5 {result['top5']:.2f}% ({result['images']} images)")

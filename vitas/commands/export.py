@@ -18,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, help="superformer or retrain checkpoint (.pth)")
     parser.add_argument("--arch", metavar="FILE_OR_JSON",
                         help="architecture to extract (required for a superformer checkpoint)")
+    parser.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write")
     parser.set_defaults(func=_export)
 
@@ -34,7 +35,7 @@ def _data_config(state: dict) -> dict | None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from core.checkpoint import load_checkpoint
+    from core.checkpoint import load_checkpoint, model_weights
     from core.config import config_from_dict
     from supernet.export import export
     from supernet.model import Superformer
@@ -48,19 +49,20 @@ def _export(args: argparse.Namespace) -> None:
         static = StaticViT(**state["model_args"])
         if args.arch is not None and load_arch(args.arch) != static.arch:
             raise UserError(f"--arch differs from the architecture recorded in {args.checkpoint}")
-        static.load_state_dict(state["model"])
+        static.load_state_dict(model_weights(state, args.checkpoint, args.ema))
         target = static
     elif "config" in state and "space" in state:
         if args.arch is None:
             raise UserError("--arch is required to export from a superformer checkpoint")
         space = SearchSpace(config_from_dict(state["config"]).space)
         space.check_spec(state["space"], str(args.checkpoint))
-        head = state["model"].get("head.weight")
+        weights = model_weights(state, args.checkpoint, args.ema)
+        head = weights.get("head.weight")
         if head is None:
             raise UserError(f"{args.checkpoint}: the model state has no 'head.weight'")
         supernet = Superformer(space, num_classes=head.shape[0])
         try:
-            supernet.load_state_dict(state["model"])
+            supernet.load_state_dict(weights)
         except RuntimeError as exc:
             raise UserError(f"{args.checkpoint} does not fit the superformer of its space: "
                             f"{str(exc).splitlines()[0]}") from None

@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sha256", help="expected sha256 of a downloaded checkpoint")
     parser.add_argument("--cache-dir", help="download cache (default: $VITAS_CACHE_DIR or ~/.cache/vitas)")
     parser.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
+    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.set_defaults(func=_predict)
 
@@ -27,7 +28,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     if args.topk < 1:
         raise UserError(f"--topk must be >= 1, got {args.topk}")
-    results = predict(args.checkpoint, args.images, args.data, args.topk, args.sha256, args.cache_dir)
+    results = predict(args.checkpoint, args.images, args.data, args.topk, args.sha256, args.cache_dir,
+                      args.ema)
     for item in results:
         print(item["image"])
         for rank, hit in enumerate(item["topk"], 1):

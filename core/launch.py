@@ -13,17 +13,19 @@ Submitit's own files (pickles, stdout/stderr per task) go to `<output_dir>/<stag
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import submitit
-from submitit.core.utils import UncompletedJobError
+from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from core.config import Config, LaunchConfig, config_from_dict
 from core.errors import UserError
@@ -159,12 +161,34 @@ def _stage_folder(cfg: Config, stage: str) -> Path:
     return cfg.stage_dir(stage) / "submitit"
 
 
+@contextlib.contextmanager
+def _submission(folder: Path) -> Iterator[None]:
+    """Turn a refused submission (sbatch's error) into a one-line UserError, and remove the
+    folders this submission created, so that a refused job leaves nothing behind."""
+    created = folder
+    while not created.parent.exists():
+        created = created.parent
+    existed = created.exists()
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):  # submitit prints sbatch's stderr as well
+            yield
+    except (FailedJobError, UserError) as exc:
+        if not existed:
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(exc, UserError):
+            raise
+        lines = [line for line in str(exc).splitlines() if line.strip()] or ["no reason given"]
+        raise UserError(f"the job was not submitted: {lines[-1].strip()}") from None
+
+
 def submit_stage(cfg: Config, stage: str, entry: str) -> submitit.Job:
     """Submit `entry(cfg)` as one job with `cfg.launch`'s nodes and tasks; returns the job."""
     folder = _stage_folder(cfg, stage)
     check_entry(entry)
-    executor = create_executor(cfg.launch, folder)
-    return executor.submit(StageJob(entry, cfg.to_dict()))
+    with _submission(folder):
+        executor = create_executor(cfg.launch, folder)
+        return executor.submit(StageJob(entry, cfg.to_dict()))
 
 
 def submit_array(cfg: Config, entry: str, items: Sequence[Any],
@@ -179,8 +203,9 @@ def submit_array(cfg: Config, entry: str, items: Sequence[Any],
         raise UserError("submit_array: no items to submit")
     folder = _stage_folder(cfg, stage)
     check_entry(entry)
-    executor = create_executor(dataclasses.replace(cfg.launch, nodes=1, tasks_per_node=1), folder)
-    return executor.map_array(StageJob(entry, cfg.to_dict()), list(items))
+    with _submission(folder):
+        executor = create_executor(dataclasses.replace(cfg.launch, nodes=1, tasks_per_node=1), folder)
+        return executor.map_array(StageJob(entry, cfg.to_dict()), list(items))
 
 
 _ACTIVE_SLURM_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",

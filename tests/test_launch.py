@@ -96,6 +96,16 @@ def test_slurm_impossible_job_is_reported(tmp_path: Path, toy_env: None,
         job.cancel()
 
 
+def test_slurm_refused_submission_is_a_user_error_and_leaves_nothing(tmp_path: Path,
+                                                                     slurm_cluster: None) -> None:
+    cfg = make_cfg(tmp_path / "run", "launch.executor=slurm", "launch.partition=nowhere")
+    with pytest.raises(UserError, match="not submitted: .*[Ii]nvalid partition"):
+        submit_stage(cfg, "toy", TOY)
+    with pytest.raises(UserError, match="not submitted"):
+        submit_array(cfg, "stage_toy:square", [1], stage="search")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("how", ["interrupt", "scontrol"])
 def test_slurm_requeue_resumes(tmp_path: Path, toy_env: None, slurm_cluster: None,
                                how: str) -> None:

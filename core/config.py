@@ -280,8 +280,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)  # 1.3e9 is a float to YAML; a whole number is a fine int
-    elif tp is bool or tp is str:
-        if isinstance(value, tp):
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `output_dir=2024` means the folder "2024", not a type error
+    elif tp is bool:
+        if isinstance(value, bool):
             return value
     elif tp is dict:
         if isinstance(value, dict):

@@ -33,6 +33,8 @@ def test_defaults_and_output_dir_absolute(tmp_path):
     ("space.channels.embed=cyclic", ("space", "channels"), None),
     ("search.macs_min=null", ("search", "macs_min"), None),
     ("data.auto_augment=rand-m9", ("data", "auto_augment"), "rand-m9"),
+    ("data.root=2024", ("data", "root"), "2024"),  # a number where a path is meant: the path
+    ("search.checkpoint=7", ("search", "checkpoint"), "7"),
 ])
 def test_overrides(tmp_path, override, key, expected):
     cfg = load_config(write(tmp_path, {}), [override])

@@ -6,9 +6,10 @@ images per class taken from (and removed from) `train/`; `val/` is kept for fina
 """
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -23,6 +24,32 @@ from core.config import DataConfig
 from core.errors import UserError
 
 SPLITS = ("train", "val")
+# timm's interpolation modes; its 'random' (train only) would fail in the eval transform.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+# (field, rule in words, test): DataConfig values timm and torch accept; nan fails every test.
+_DATA_RULES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
+    ("num_classes", "null or >= 1", lambda v: v is None or v >= 1),
+    ("holdout_per_class", ">= 0", lambda v: v >= 0),
+    ("split_seed", ">= 0", lambda v: v >= 0),
+    ("workers", ">= 0", lambda v: v >= 0),
+    ("interpolation", f"one of {', '.join(INTERPOLATIONS)}", lambda v: v in INTERPOLATIONS),
+    ("mean", "3 numbers (one per RGB channel)",
+     lambda v: len(v) == 3 and all(math.isfinite(x) for x in v)),
+    ("std", "3 numbers > 0 (one per RGB channel)",
+     lambda v: len(v) == 3 and all(0 < x < math.inf for x in v)),
+    ("crop_pct", "a number > 0", lambda v: 0 < v < math.inf),
+    ("scale", "[min, max] with 0 < min <= max <= 1",
+     lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1),
+    ("hflip", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("color_jitter", "a number >= 0", lambda v: 0 <= v < math.inf),
+    ("reprob", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("mixup", "a number >= 0", lambda v: 0 <= v < math.inf),
+    ("cutmix", "a number >= 0", lambda v: 0 <= v < math.inf),
+    ("mixup_prob", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("mixup_switch_prob", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("smoothing", "in [0, 1)", lambda v: 0 <= v < 1),
+)
 
 
 def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0) -> dict:
@@ -39,6 +66,7 @@ def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0) -> dict:
     if root.exists() and not (root.is_dir() and _is_digits_tree(root)):
         raise UserError(f"{root} exists and is not a digits data set; choose a new folder")
     digits = load_digits()
+    _check_val_fraction(val_fraction, digits.target)
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
     index = np.arange(len(pixels))
     train_idx, val_idx = train_test_split(index, test_size=val_fraction, random_state=seed,
@@ -65,6 +93,16 @@ def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"train": len(train_idx), "val": len(val_idx)}
+
+
+def _check_val_fraction(val_fraction: float, labels: np.ndarray) -> None:
+    """UserError unless the stratified split can give every class an image in train/ and val/."""
+    total, classes = len(labels), len(np.unique(labels))
+    n_val = math.ceil(val_fraction * total)  # how scikit-learn rounds test_size
+    if not classes <= n_val <= total - classes:
+        raise UserError(f"val fraction {val_fraction} puts {n_val} of {total} images in val/; each "
+                        f"split needs an image of each of the {classes} classes, so val/ needs "
+                        f"{classes} to {total - classes} images")
 
 
 def _is_digits_tree(root: Path) -> bool:
@@ -105,6 +143,27 @@ def num_classes(data_cfg: DataConfig) -> int:
     return data_cfg.num_classes or len(class_names(data_cfg))
 
 
+def check_data(data_cfg: DataConfig) -> None:
+    """UserError naming `data.<key>` for a value timm or torch would reject (or take as
+    nonsense) only later, while it builds the transforms, loaders and loss or mid-run."""
+    for key, rule, ok in _DATA_RULES:
+        value = getattr(data_cfg, key)
+        if not ok(value):
+            raise UserError(f"data.{key} must be {rule}, got {value!r}")
+    if data_cfg.auto_augment:
+        _check_auto_augment(data_cfg.auto_augment)
+
+
+def _check_auto_augment(policy: str) -> None:
+    """timm parses the policy only with asserts, inside the train transform: build one with it."""
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, KeyError, ValueError, IndexError):
+        raise UserError(f"data.auto_augment: {policy!r} is not a timm augmentation policy (e.g. "
+                        "'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', 'v0', 'original', '3a'; "
+                        "null for none)") from None
+
+
 def build_transform(data_cfg: DataConfig, img_size: int, is_training: bool):
     """timm's train (RandAugment, random erasing, ...) or eval (resize + center crop) pipeline."""
     if not is_training:
@@ -120,15 +179,23 @@ def build_transform(data_cfg: DataConfig, img_size: int, is_training: bool):
 
 
 def build_dataset(data_cfg: DataConfig, split: str, img_size: int, is_training: bool) -> Dataset:
-    """timm folder data set of `data.root/<split>` with the train or eval transform."""
+    """timm folder data set of `data.root/<split>` with the train or eval transform (the data
+    settings checked first)."""
+    check_data(data_cfg)
     path = split_dir(data_cfg, split)
     class_map = {name: i for i, name in enumerate(class_names(data_cfg))}
-    dataset = create_dataset("", root=str(path), search_split=False,
-                             class_map=class_map,
-                             transform=build_transform(data_cfg, img_size, is_training))
-    if len(dataset) == 0:
-        raise UserError(f"data.root: no images found in {path}")
-    return dataset
+    if data_cfg.num_classes is not None and data_cfg.num_classes < len(class_map):
+        raise UserError(f"data.num_classes={data_cfg.num_classes} is fewer than the "
+                        f"{len(class_map)} class folders of {path.parent / 'train'}")
+    transform = build_transform(data_cfg, img_size, is_training)
+    try:
+        return create_dataset("", root=str(path), search_split=False, class_map=class_map,
+                              transform=transform)
+    except RuntimeError as exc:  # timm's folder reader refuses a split without images
+        if "Found 0 images" not in str(exc):
+            raise
+        raise UserError(f"data.root: no images found in {path} (expected {path}/<class>/<image> "
+                        "for the class folders of train/)") from None
 
 
 def targets(dataset: Dataset) -> list[int]:

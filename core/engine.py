@@ -4,6 +4,8 @@
   images whatever the number of processes; rank r takes the r-th slice. Every image carries its
   own seed (seed, epoch, index), so its augmentation is also independent of ranks, workers and
   restarts, and an epoch can resume at any step.
+- `check_recipe`: a UserError naming the key for recipe values no run can use (both stages call it
+  before reading data, so bad input leaves nothing behind).
 - `create_optimizer` / `create_scheduler`: timm's factories, warm-up + cosine updated every step.
 - `Trainer`: DDP wrapper (`find_unused_parameters=True`), AMP (autocast + GradScaler, CUDA only),
   gradient clipping, timm EMA (`ModelEmaV3`), `zero_grad(set_to_none=True)` so parameters a step
@@ -18,6 +20,8 @@ A section config (`SupernetConfig`, `RetrainConfig`) supplies the hyper-paramete
 from __future__ import annotations
 
 import contextlib
+import difflib
+import math
 import os
 import random
 import time
@@ -26,7 +30,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
@@ -54,6 +58,7 @@ class TrainSection(Protocol):
     warmup_epochs: int
     weight_decay: float
     clip_grad: Optional[float]
+    drop_path: float
     ema: bool
     ema_decay: float
     amp: bool
@@ -61,6 +66,41 @@ class TrainSection(Protocol):
     log_every_steps: int
     seed: int
     deterministic: bool
+
+
+# ----------------------------------------------------------------------------- recipe checks
+# (field, rule in words, test): what timm and torch accept and a run can use; nan fails every test.
+_RECIPE_RULES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
+    ("epochs", ">= 1", lambda v: v >= 1),
+    ("batch_size", ">= 1", lambda v: v >= 1),
+    ("lr", "a number > 0", lambda v: 0 < v < math.inf),
+    ("min_lr", "a number >= 0", lambda v: 0 <= v < math.inf),
+    ("warmup_lr", "a number >= 0", lambda v: 0 <= v < math.inf),
+    ("warmup_epochs", ">= 0", lambda v: v >= 0),
+    ("weight_decay", "a number >= 0", lambda v: 0 <= v < math.inf),
+    ("clip_grad", "null or a number >= 0", lambda v: v is None or 0 <= v < math.inf),
+    ("drop_path", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("ema_decay", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("save_every_steps", ">= 0", lambda v: v >= 0),
+    ("log_every_steps", ">= 0", lambda v: v >= 0),
+    ("seed", ">= 0", lambda v: v >= 0),
+)
+
+
+def check_recipe(section: TrainSection, name: str) -> None:
+    """UserError naming `<name>.<key>` for a recipe value timm, torch or the loop cannot use,
+    so a stage can refuse it before it reads data or writes anything."""
+    for key, rule, ok in _RECIPE_RULES:
+        value = getattr(section, key)
+        if not ok(value):
+            raise UserError(f"{name}.{key} must be {rule}, got {value!r}")
+    names = list_optimizers()
+    opt = section.opt.lower().removeprefix("lookahead_")
+    if opt not in names:
+        near = difflib.get_close_matches(opt, names, n=3)
+        hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
+        raise UserError(f"{name}.opt: {section.opt!r} is not a timm optimizer ({hint}"
+                        "timm.optim.list_optimizers() names them; a 'lookahead_' prefix is allowed)")
 
 
 # ----------------------------------------------------------------------------- seeds

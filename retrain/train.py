@@ -27,7 +27,7 @@ from core.checkpoint import load_checkpoint, write_json
 from core.config import Config, save_config
 from core.data import (build_dataset, class_names, create_loader, create_loss, create_mixup,
                        num_classes)
-from core.engine import Trainer, configure_determinism, create_train_loader
+from core.engine import Trainer, check_recipe, configure_determinism, create_train_loader
 from core.errors import UserError
 from core.logs import RunLogger, setup_logging
 from core.metrics import evaluate_accuracy
@@ -88,10 +88,9 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
     and the re-tokenization report.
     """
     sec = cfg.retrain if epochs is None else dataclasses.replace(cfg.retrain, epochs=epochs)
+    check_recipe(sec, "retrain")
     if sec.init not in ("scratch", "supernet"):
         raise UserError(f"retrain.init must be 'scratch' or 'supernet', got {sec.init!r}")
-    if sec.epochs < 1:
-        raise UserError(f"retrain.epochs must be >= 1, got {sec.epochs}")
     info = dist.init_distributed()
     out_dir = Path(out_dir)
     space = SearchSpace(cfg.space)
@@ -106,6 +105,11 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
     val_loader = create_loader(val_set, max(1, sec.batch_size // info.world_size), shuffle=False,
                                workers=cfg.data.workers)
     steps = loader.batch_sampler.steps_per_epoch
+    mixup = create_mixup(cfg.data, classes)
+    if mixup is not None and (sec.batch_size // info.world_size) % 2:
+        raise UserError(f"Mixup/CutMix needs an even batch per process; retrain.batch_size="
+                        f"{sec.batch_size} over {info.world_size} process(es) gives "
+                        f"{sec.batch_size // info.world_size}")
 
     model = ElasticTokenViT(**static_args(arch, space, classes), drop_path=sec.drop_path)
     if sec.init == "supernet":
@@ -137,7 +141,6 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
                  [(s["epochs"], s["tokens"]) for s in macs["stages"]], 100 * macs["saved_fraction"],
                  macs["train_macs"], macs["full_train_macs"])
 
-    mixup = create_mixup(cfg.data, classes)
     criterion = create_loss(cfg.data, mixup is not None).to(info.device)
     current: dict[str, Any] = {}
 

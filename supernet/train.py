@@ -29,7 +29,8 @@ from core import dist
 from core.checkpoint import write_json
 from core.config import Config, save_config
 from core.data import build_splits, create_loader, create_loss, create_mixup, num_classes
-from core.engine import Trainer, check_same_across_ranks, configure_determinism, create_train_loader, derive_seed
+from core.engine import (Trainer, check_recipe, check_same_across_ranks, configure_determinism,
+                         create_train_loader, derive_seed)
 from core.errors import UserError
 from core.logs import RunLogger, setup_logging
 from core.metrics import evaluate_accuracy
@@ -89,12 +90,9 @@ def check_section(cfg: Config) -> None:
     sec = cfg.supernet
     if sec.sampling not in SAMPLINGS:
         raise UserError(f"supernet.sampling must be one of {', '.join(SAMPLINGS)}, got {sec.sampling!r}")
-    for key in ("epochs", "batch_size"):
-        if getattr(sec, key) < 1:
-            raise UserError(f"supernet.{key} must be >= 1, got {getattr(sec, key)}")
-    for key in ("val_random_archs", "save_every_steps", "log_every_steps", "warmup_epochs"):
-        if getattr(sec, key) < 0:
-            raise UserError(f"supernet.{key} must be >= 0, got {getattr(sec, key)}")
+    check_recipe(sec, "supernet")
+    if sec.val_random_archs < 0:
+        raise UserError(f"supernet.val_random_archs must be >= 0, got {sec.val_random_archs}")
     channels = cfg.space.channels
     if sec.sampling == "bcnet" and "bilateral" not in (channels.embed, channels.attn, channels.mlp):
         raise UserError("supernet.sampling=bcnet needs a bilateral channel policy in space.channels "

@@ -1,6 +1,7 @@
 """Data: digits writer (complete, deterministic, atomic), hold-out split, timm loaders, errors."""
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,75 @@ def test_cli_missing_root_exits_2(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         f"vitas: error: data.root: directory not found: {tmp_path / 'no'}"]
+
+
+BAD_DATA = [  # (DataConfig field, value, text the error must contain)
+    ("workers", -1, "data.workers must be >= 0"),
+    ("interpolation", "foo", "data.interpolation must be one of nearest, bilinear, bicubic"),
+    ("interpolation", "random", "data.interpolation"),  # timm's eval transform has no 'random'
+    ("auto_augment", "bogus", "data.auto_augment: 'bogus' is not a timm augmentation policy"),
+    ("auto_augment", "randbogus", "data.auto_augment"),
+    ("scale", [1.0], "data.scale must be [min, max]"),
+    ("scale", [0.9, 0.5], "data.scale"),
+    ("scale", [0.0, 1.0], "data.scale"),
+    ("mean", [0.5, 0.5], "data.mean must be 3 numbers"),
+    ("std", [0.5, 0.0, 0.5], "data.std must be 3 numbers > 0"),
+    ("crop_pct", 0.0, "data.crop_pct"),
+    ("hflip", 1.5, "data.hflip must be in [0, 1]"),
+    ("reprob", -0.1, "data.reprob"),
+    ("color_jitter", -1.0, "data.color_jitter"),
+    ("mixup", float("nan"), "data.mixup must be a number >= 0, got nan"),
+    ("cutmix", -1.0, "data.cutmix"),
+    ("mixup_prob", 2.0, "data.mixup_prob"),
+    ("mixup_switch_prob", -0.5, "data.mixup_switch_prob"),
+    ("smoothing", 1.0, "data.smoothing must be in [0, 1)"),
+    ("holdout_per_class", -1, "data.holdout_per_class"),
+    ("split_seed", -1, "data.split_seed"),
+    ("num_classes", 0, "data.num_classes must be null or >= 1"),
+    ("num_classes", 5, "data.num_classes=5 is fewer than the 10 class folders"),
+]
+
+
+@pytest.mark.parametrize("key, value, needle", BAD_DATA, ids=[f"{k}={v}" for k, v, _ in BAD_DATA])
+def test_bad_data_settings_are_user_errors(tiny_digits, key, value, needle):
+    with pytest.raises(UserError) as info:
+        build_dataset(cfg_for(tiny_digits, **{key: value}), "train", 32, is_training=True)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("changes", [{}, {"interpolation": "box"}, {"auto_augment": None},
+                                     {"auto_augment": ""}, {"auto_augment": "augmix-m5-w4-d2"},
+                                     {"auto_augment": "v0"}, {"num_classes": 12},
+                                     {"scale": [1.0, 1.0]}, {"holdout_per_class": 0}])
+def test_good_data_settings_pass(tiny_digits, changes):
+    assert len(build_dataset(cfg_for(tiny_digits, **changes), "train", 32, is_training=True)) == 120
+
+
+@pytest.mark.parametrize("val_classes", [["0"], []], ids=["empty class folder", "no class folder"])
+def test_split_without_images(tmp_path, tiny_digits, capsys, val_classes):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_digits / "train", root / "train")
+    for name in val_classes:
+        (root / "val" / name).mkdir(parents=True)
+    (root / "val").mkdir(exist_ok=True)
+    with pytest.raises(UserError, match=f"data.root: no images found in {root / 'val'}"):
+        build_dataset(cfg_for(root), "val", 32, is_training=False)
+    assert main(["data", "check", str(root)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"vitas: error: data.root: no images found in {root / 'val'} (expected "
+        f"{root / 'val'}/<class>/<image> for the class folders of train/)"]
+
+
+@pytest.mark.parametrize("fraction, n_val", [(0.001, 2), (0.005, 9), (0.995, 1789), (0.999, 1796)])
+def test_val_fraction_leaving_a_class_out(tmp_path, capsys, fraction, n_val):
+    assert main(["data", "digits", str(tmp_path / "d"), "--val-fraction", str(fraction)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"vitas: error: val fraction {fraction} puts {n_val} of 1797 images in val/; each split "
+        "needs an image of each of the 10 classes, so val/ needs 10 to 1787 images"]
+    assert list(tmp_path.iterdir()) == []  # nothing written, no partial copy
+
+
+def test_val_fraction_at_the_bound(tmp_path):
+    """The smallest val/ the check lets through still holds every class (one image each)."""
+    assert write_digits(tmp_path / "d", val_fraction=0.00556) == {"train": 1787, "val": 10}
+    assert sorted(len(list(c.iterdir())) for c in (tmp_path / "d" / "val").iterdir()) == [1] * 10

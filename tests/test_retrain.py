@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from core.checkpoint import load_checkpoint, save_checkpoint
-from core.config import load_config
+from core.config import RetrainConfig, SupernetConfig, load_config
 from core.data import write_digits
+from core.engine import check_recipe
 from core.errors import UserError
 from retrain.train import read_arch, supernet_weights, train_arch
 from supernet.model import Superformer
@@ -121,3 +122,51 @@ def test_init_from_supernet(tmp_path):
     other = load_config(YAML, [f"output_dir={tmp_path}", "space.embed_dim=[48, 96]"])
     with pytest.raises(UserError, match="embed_dim"):
         supernet_weights(other, SearchSpace(other.space), ARCH, 10)
+
+
+BAD_RETRAIN = [  # (overrides, text the one error line must contain)
+    (["retrain.batch_size=0"], "retrain.batch_size must be >= 1, got 0"),
+    (["retrain.batch_size=-5"], "retrain.batch_size must be >= 1, got -5"),
+    (["retrain.epochs=0"], "retrain.epochs must be >= 1"),
+    (["retrain.opt=bogus"], "retrain.opt: 'bogus' is not a timm optimizer"),
+    (["retrain.opt=fancy_adamw"], "retrain.opt"),
+    (["retrain.lr=-1"], "retrain.lr must be a number > 0, got -1.0"),
+    (["retrain.lr=.nan"], "retrain.lr must be a number > 0, got nan"),
+    (["retrain.min_lr=-1"], "retrain.min_lr"),
+    (["retrain.warmup_lr=.inf"], "retrain.warmup_lr"),
+    (["retrain.warmup_epochs=-1"], "retrain.warmup_epochs must be >= 0"),
+    (["retrain.weight_decay=-0.1"], "retrain.weight_decay"),
+    (["retrain.clip_grad=-1"], "retrain.clip_grad must be null or a number >= 0"),
+    (["retrain.drop_path=1"], "retrain.drop_path must be in [0, 1)"),
+    (["retrain.ema_decay=1"], "retrain.ema_decay must be in [0, 1)"),
+    (["retrain.ema_decay=-0.5"], "retrain.ema_decay"),
+    (["retrain.log_every_steps=-1"], "retrain.log_every_steps"),
+    (["retrain.seed=-1"], "retrain.seed must be >= 0"),
+    (["data.workers=-1"], "data.workers must be >= 0"),
+    (["data.interpolation=foo"], "data.interpolation must be one of"),
+    (["data.auto_augment=bogus"], "data.auto_augment: 'bogus' is not a timm augmentation policy"),
+    (["data.scale=[1.0]"], "data.scale must be [min, max]"),
+    (["data.smoothing=1"], "data.smoothing"),
+    (["data.num_classes=5"], "data.num_classes=5 is fewer than the 10 class folders"),
+    (["data.mixup=0.8", "retrain.batch_size=63"], "Mixup/CutMix needs an even batch per process"),
+]
+
+
+@pytest.mark.parametrize("overrides, needle", BAD_RETRAIN, ids=[" ".join(o) for o, _ in BAD_RETRAIN])
+def test_bad_settings_are_one_line_and_write_nothing(tmp_path, tiny_digits, capsys, overrides, needle):
+    out = tmp_path / "run"
+    code = main(["retrain", "-c", str(YAML), "--arch", json.dumps(ARCH), f"output_dir={out}",
+                 f"data.root={tiny_digits}", *overrides])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("20")]  # drop log lines
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("vitas: error: "), err
+    assert needle in lines[0], lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("changes", [{}, {"opt": "sgd"}, {"opt": "AdamW"}, {"opt": "lookahead_adamw"},
+                                     {"clip_grad": None}, {"clip_grad": 0.0}, {"ema_decay": 0.0},
+                                     {"warmup_epochs": 0}, {"lr": 1e-9, "min_lr": 0.0}])
+def test_good_recipes_pass(changes):
+    for section in (RetrainConfig, SupernetConfig):
+        check_recipe(section(**changes), "recipe")

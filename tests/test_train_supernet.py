@@ -188,3 +188,32 @@ def test_outputs_and_space_mismatch(tmp_path: Path, tiny_digits: Path,
     assert len(err) == 1 and "embed_dim" in err[0] and err[0].startswith("vitas: error:")
     assert main(["train-supernet", "-c", str(cfg_path), "supernet.sampling=random"]) == 2
     assert "supernet.sampling" in capsys.readouterr().err
+
+
+BAD_SUPERNET = [  # (override, text the one error line must contain)
+    ("supernet.opt=bogus", "supernet.opt: 'bogus' is not a timm optimizer"),
+    ("supernet.batch_size=0", "supernet.batch_size must be >= 1, got 0"),
+    ("supernet.lr=-1", "supernet.lr must be a number > 0"),
+    ("supernet.min_lr=.nan", "supernet.min_lr"),
+    ("supernet.warmup_epochs=-1", "supernet.warmup_epochs must be >= 0"),
+    ("supernet.ema_decay=1.5", "supernet.ema_decay must be in [0, 1)"),
+    ("supernet.drop_path=-0.1", "supernet.drop_path"),
+    ("supernet.clip_grad=-5", "supernet.clip_grad"),
+    ("supernet.seed=-1", "supernet.seed"),
+    ("supernet.val_random_archs=-1", "supernet.val_random_archs must be >= 0"),
+    ("data.workers=-1", "data.workers must be >= 0"),
+    ("data.auto_augment=bogus", "data.auto_augment"),
+    ("data.holdout_per_class=-1", "data.holdout_per_class"),
+]
+
+
+@pytest.mark.parametrize("override, needle", BAD_SUPERNET, ids=[o for o, _ in BAD_SUPERNET])
+def test_bad_settings_are_one_line_and_write_nothing(tmp_path: Path, tiny_digits: Path,
+                                                    capsys: pytest.CaptureFixture,
+                                                    override: str, needle: str) -> None:
+    out = tmp_path / "run"
+    cfg_path = write_yaml(tiny_config(out, tiny_digits), tmp_path / "c.yaml")
+    assert main(["train-supernet", "-c", str(cfg_path), override]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("20")]
+    assert len(lines) == 1 and lines[0].startswith("vitas: error: ") and needle in lines[0], lines
+    assert not out.exists()

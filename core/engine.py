@@ -329,6 +329,10 @@ class Trainer:
             raise UserError(f"{self.path} was written with {state['steps_per_epoch']} steps per "
                             f"epoch, this run has {self.steps_per_epoch} (batch_size or data "
                             f"changed); use a new output_dir")
+        if state["epoch"] > self.section.epochs:
+            raise UserError(f"{self.path} has already trained {state['epoch']} epochs, more than "
+                            f"{self.section.epochs} asked (epochs); ask for at least "
+                            f"{state['epoch']} or use a new output_dir")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

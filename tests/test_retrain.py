@@ -84,6 +84,10 @@ def test_finished_run_resumes_without_training(run):
     other = dict(ARCH, embed_dim=64, mlp_dim=[128, 128])
     with pytest.raises(UserError, match="another architecture"):
         train_arch(cfg, other, out / "retrain")
+    trained = json.loads((out / "retrain" / "summary.json").read_text())["epochs"]
+    with pytest.raises(UserError, match=f"already trained {trained} epochs"):
+        train_arch(cfg, ARCH, out / "retrain", epochs=trained - 1)
+    assert json.loads((out / "retrain" / "summary.json").read_text())["epochs"] == trained
 
 
 def test_arch_sources_and_errors(tmp_path, capsys):

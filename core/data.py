@@ -187,6 +187,10 @@ def build_dataset(data_cfg: DataConfig, split: str, img_size: int, is_training: 
     if data_cfg.num_classes is not None and data_cfg.num_classes < len(class_map):
         raise UserError(f"data.num_classes={data_cfg.num_classes} is fewer than the "
                         f"{len(class_map)} class folders of {path.parent / 'train'}")
+    foreign = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name not in class_map)
+    if foreign:  # timm would skip their images silently: accuracy over a part of the split
+        raise UserError(f"data.root: {path} has class folders that train/ lacks: "
+                        f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}")
     transform = build_transform(data_cfg, img_size, is_training)
     try:
         return create_dataset("", root=str(path), search_split=False, class_map=class_map,

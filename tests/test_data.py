@@ -257,6 +257,14 @@ def test_split_without_images(tmp_path, tiny_digits, capsys, val_classes):
         f"{root / 'val'}/<class>/<image> for the class folders of train/)"]
 
 
+def test_val_class_missing_from_train_is_refused(tmp_path, tiny_digits):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_digits, root)
+    (root / "val" / "9").rename(root / "val" / "x")
+    with pytest.raises(UserError, match=r"class folders that train/ lacks: x$"):
+        build_dataset(cfg_for(root), "val", 32, is_training=False)
+
+
 @pytest.mark.parametrize("fraction, n_val", [(0.001, 2), (0.005, 9), (0.995, 1789), (0.999, 1796)])
 def test_val_fraction_leaving_a_class_out(tmp_path, capsys, fraction, n_val):
     assert main(["data", "digits", str(tmp_path / "d"), "--val-fraction", str(fraction)]) == 2

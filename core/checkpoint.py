@@ -34,6 +34,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def usual_permissions(path: Path) -> None:
+    """Give `path` the mode a plain create would (0666/0777 less the umask): mkstemp, mkdtemp and
+    safetensors make owner-only entries."""
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, write: Any, mode: str = "wb") -> Path:
     """Write `path` through `write(fileobj)` into a temporary sibling, fsync, then rename.
 
@@ -42,7 +48,7 @@ def atomic_write(path: str | os.PathLike, write: Any, mode: str = "wb") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+    usual_permissions(Path(tmp))
     try:
         with os.fdopen(fd, mode) as f:
             write(f)

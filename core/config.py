@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import yaml
 
@@ -26,6 +26,11 @@ class ChannelsConfig:
     embed: str = "left"
     attn: str = "left"
     mlp: str = "left"
+
+    @property
+    def bilateral(self) -> bool:
+        """Whether any dimension uses the bilateral (BCNet) policy, i.e. a right pass exists."""
+        return "bilateral" in (self.embed, self.attn, self.mlp)
 
 
 @dataclass
@@ -227,6 +232,18 @@ class Config:
     def stage_dir(self, stage: str) -> Path:
         """`<output_dir>/<stage>`, the folder a stage writes into."""
         return Path(self.output_dir) / stage
+
+
+# (field, rule in words, test): a value range check of a section, beyond its type.
+FieldRule = tuple[str, str, Callable[[Any], bool]]
+
+
+def check_fields(section: Any, rules: Sequence[FieldRule], prefix: str) -> None:
+    """UserError naming `<prefix>.<field>` and its rule for the first value that breaks one."""
+    for key, rule, ok in rules:
+        value = getattr(section, key)
+        if not ok(value):
+            raise UserError(f"{prefix}.{key} must be {rule}, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:

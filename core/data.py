@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from core import dist
-from core.config import DataConfig
+from core.config import DataConfig, FieldRule, check_fields
 from core.errors import UserError
 
 SPLITS = ("train", "val")
@@ -28,7 +28,7 @@ SPLITS = ("train", "val")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 # (field, rule in words, test): DataConfig values timm and torch accept; nan fails every test.
-_DATA_RULES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
+_DATA_RULES: tuple[FieldRule, ...] = (
     ("num_classes", "null or >= 1", lambda v: v is None or v >= 1),
     ("holdout_per_class", ">= 0", lambda v: v >= 0),
     ("split_seed", ">= 0", lambda v: v >= 0),
@@ -146,10 +146,7 @@ def num_classes(data_cfg: DataConfig) -> int:
 def check_data(data_cfg: DataConfig) -> None:
     """UserError naming `data.<key>` for a value timm or torch would reject (or take as
     nonsense) only later, while it builds the transforms, loaders and loss or mid-run."""
-    for key, rule, ok in _DATA_RULES:
-        value = getattr(data_cfg, key)
-        if not ok(value):
-            raise UserError(f"data.{key} must be {rule}, got {value!r}")
+    check_fields(data_cfg, _DATA_RULES, "data")
     if data_cfg.auto_augment:
         _check_auto_augment(data_cfg.auto_augment)
 
@@ -284,6 +281,15 @@ def create_mixup(data_cfg: DataConfig, num_classes: int) -> Optional[Mixup]:
     return Mixup(mixup_alpha=data_cfg.mixup, cutmix_alpha=data_cfg.cutmix,
                  prob=data_cfg.mixup_prob, switch_prob=data_cfg.mixup_switch_prob, mode="batch",
                  label_smoothing=data_cfg.smoothing, num_classes=num_classes)
+
+
+def check_mixup_batch(mixup: Optional[Mixup], batch_key: str, batch_size: int, world_size: int) -> None:
+    """timm's batch-mode Mixup/CutMix needs an even batch in each process: refuse an odd one
+    before training starts, naming the global batch key."""
+    local = batch_size // world_size
+    if mixup is not None and local % 2:
+        raise UserError(f"Mixup/CutMix needs an even batch per process; {batch_key}={batch_size} "
+                        f"over {world_size} process(es) gives {local}")
 
 
 def create_loss(data_cfg: DataConfig, mixup_active: bool) -> torch.nn.Module:

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core import dist
 from core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from core.config import FieldRule, check_fields
 from core.errors import UserError
 from core.logs import RunLogger, progress
 
@@ -70,7 +71,7 @@ class TrainSection(Protocol):
 
 # ----------------------------------------------------------------------------- recipe checks
 # (field, rule in words, test): what timm and torch accept and a run can use; nan fails every test.
-_RECIPE_RULES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
+_RECIPE_RULES: tuple[FieldRule, ...] = (
     ("epochs", ">= 1", lambda v: v >= 1),
     ("batch_size", ">= 1", lambda v: v >= 1),
     ("lr", "a number > 0", lambda v: 0 < v < math.inf),
@@ -90,10 +91,7 @@ _RECIPE_RULES: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
 def check_recipe(section: TrainSection, name: str) -> None:
     """UserError naming `<name>.<key>` for a recipe value timm, torch or the loop cannot use,
     so a stage can refuse it before it reads data or writes anything."""
-    for key, rule, ok in _RECIPE_RULES:
-        value = getattr(section, key)
-        if not ok(value):
-            raise UserError(f"{name}.{key} must be {rule}, got {value!r}")
+    check_fields(section, _RECIPE_RULES, name)
     names = list_optimizers()
     opt = section.opt.lower().removeprefix("lookahead_")
     if opt not in names:

@@ -25,8 +25,8 @@ import torch
 from core import dist
 from core.checkpoint import load_checkpoint, write_json
 from core.config import Config, save_config
-from core.data import (build_dataset, class_names, create_loader, create_loss, create_mixup,
-                       num_classes)
+from core.data import (build_dataset, check_mixup_batch, class_names, create_loader, create_loss,
+                       create_mixup, num_classes)
 from core.engine import Trainer, check_recipe, configure_determinism, create_train_loader
 from core.errors import UserError
 from core.logs import RunLogger, setup_logging
@@ -106,10 +106,7 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
                                workers=cfg.data.workers)
     steps = loader.batch_sampler.steps_per_epoch
     mixup = create_mixup(cfg.data, classes)
-    if mixup is not None and (sec.batch_size // info.world_size) % 2:
-        raise UserError(f"Mixup/CutMix needs an even batch per process; retrain.batch_size="
-                        f"{sec.batch_size} over {info.world_size} process(es) gives "
-                        f"{sec.batch_size // info.world_size}")
+    check_mixup_batch(mixup, "retrain.batch_size", sec.batch_size, info.world_size)
 
     model = ElasticTokenViT(**static_args(arch, space, classes), drop_path=sec.drop_path)
     if sec.init == "supernet":

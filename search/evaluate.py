@@ -21,7 +21,7 @@ from core.config import Config
 from core.data import build_dataset, create_loader, num_classes, split_train_holdout
 from core.errors import UserError
 from core.metrics import evaluate_accuracy
-from search.scorers import Scorer
+from search.scorers import Scorer, split_settings
 from supernet.model import Superformer
 from supernet.space import SearchSpace, space_from_config
 
@@ -56,8 +56,7 @@ def load_superformer(cfg: Config, space: SearchSpace, device: torch.device | str
 def sides(cfg: Config) -> tuple[str, ...]:
     """Passes an architecture is scored on: ("left", "right") for BCNet-style bilateral widths
     (the right pass of any other space repeats the left)."""
-    c = cfg.space.channels
-    return ("left", "right") if "bilateral" in (c.embed, c.attn, c.mlp) else ("left",)
+    return ("left", "right") if cfg.space.channels.bilateral else ("left",)
 
 
 def holdout_batches(cfg: Config, batch_size: int, device: torch.device | str = "cpu") -> Batches:
@@ -113,11 +112,9 @@ class AccuracyScorer(Scorer):
         """Which superformer (path and training progress), hold-out split and passes."""
         path = checkpoint_path(self.cfg)
         ckpt = load_checkpoint(path, mmap=True)
-        d = self.cfg.data
         return {"search.checkpoint": str(path.absolute()),
                 "checkpoint.progress": [ckpt.get("epoch"), ckpt.get("step")],
-                "data.root": str(Path(d.root).absolute()), "data.holdout_per_class": d.holdout_per_class,
-                "data.split_seed": d.split_seed, "passes": list(self.passes)}
+                **split_settings(self.cfg.data), "passes": list(self.passes)}
 
     def setup(self) -> None:
         """Load the superformer and this rank's hold-out shard (idempotent)."""

@@ -8,7 +8,6 @@ deltas of L^E minus those of kappa, As-ViT Algorithm 1.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from core.config import Config
 from core.errors import UserError
 from search.proxies import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
-from search.scorers import Scorer, rank_sum, valid_mask, worst_for_invalid
+from search.scorers import Scorer, rank_sum, split_settings, valid_mask, worst_for_invalid
 from supernet.model import Superformer
 from supernet.space import space_from_config
 
@@ -48,10 +47,8 @@ class ProxyScorer(Scorer):
 
     def settings(self) -> dict[str, Any]:
         """Proxy options and the data the NTK images are drawn from."""
-        p, d = self.cfg.proxy, self.cfg.data
-        return {**{f"proxy.{k}": getattr(p, k) for k in SCORE_KEYS},
-                "data.root": str(Path(d.root).absolute()), "data.holdout_per_class": d.holdout_per_class,
-                "data.split_seed": d.split_seed}
+        return {**{f"proxy.{k}": getattr(self.cfg.proxy, k) for k in SCORE_KEYS},
+                **split_settings(self.cfg.data)}
 
     def setup(self) -> None:
         """Build the superformer and read the NTK images (idempotent)."""

@@ -17,11 +17,13 @@ top-1, `search.evaluate.AccuracyScorer`) and `proxy` (training-free,
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
 
+from core.config import DataConfig
 from core.dist import broadcast_object
 from core.errors import UserError
 from supernet.space import SearchSpace
@@ -82,6 +84,12 @@ def rank_sum(records: Sequence[dict], terms: Sequence[tuple[str, float]],
             total += w * rankdata(col, method="average")
         values[ok] = -total
     return worst_for_invalid(values, records)
+
+
+def split_settings(data_cfg: DataConfig) -> dict[str, Any]:
+    """Which images the train/hold-out split puts where: scores computed on them depend on it."""
+    return {"data.root": str(Path(data_cfg.root).absolute()),
+            "data.holdout_per_class": data_cfg.holdout_per_class, "data.split_seed": data_cfg.split_seed}
 
 
 class Scorer:

@@ -20,6 +20,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models._hub import save_for_hf
 
+from core.checkpoint import usual_permissions
 from core.errors import UserError
 from supernet.model import Superformer
 from supernet.static import StaticViT
@@ -99,7 +100,8 @@ def export(
     try:
         save_for_hf(target, tmp, model_config={"vitas_arch": args["arch"]}, model_args=build_args,
                     safe_serialization=True, data_config=data_config)
-        _usual_permissions(tmp)
+        for path in (tmp, *tmp.iterdir()):
+            usual_permissions(path)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / "dir")
@@ -123,15 +125,6 @@ def check_export_target(out: Path) -> None:
             raise UserError(f"export: {out} holds other files ({', '.join(other[:3])}"
                             f"{', ...' if len(other) > 3 else ''}), not an earlier export; "
                             "give a new or empty folder")
-
-
-def _usual_permissions(folder: Path) -> None:
-    """mkdtemp and safetensors create owner-only entries: give them the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
 
 
 def load_exported(path: Union[str, os.PathLike]) -> torch.nn.Module:

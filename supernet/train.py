@@ -28,7 +28,8 @@ from timm.data import Mixup
 from core import dist
 from core.checkpoint import write_json
 from core.config import Config, save_config
-from core.data import build_splits, create_loader, create_loss, create_mixup, num_classes
+from core.data import (build_splits, check_mixup_batch, create_loader, create_loss, create_mixup,
+                       num_classes)
 from core.engine import (Trainer, check_recipe, check_same_across_ranks, configure_determinism,
                          create_train_loader, derive_seed)
 from core.errors import UserError
@@ -55,8 +56,7 @@ class Pass:
 
 def is_bilateral(space: SearchSpace) -> bool:
     """Whether any dimension uses the bilateral (BCNet) policy, i.e. a right pass exists."""
-    ch = space.cfg.channels
-    return "bilateral" in (ch.embed, ch.attn, ch.mlp)
+    return space.cfg.channels.bilateral
 
 
 def step_passes(space: SearchSpace, sampling: str, seed: int, step: int) -> list[Pass]:
@@ -93,8 +93,7 @@ def check_section(cfg: Config) -> None:
     check_recipe(sec, "supernet")
     if sec.val_random_archs < 0:
         raise UserError(f"supernet.val_random_archs must be >= 0, got {sec.val_random_archs}")
-    channels = cfg.space.channels
-    if sec.sampling == "bcnet" and "bilateral" not in (channels.embed, channels.attn, channels.mlp):
+    if sec.sampling == "bcnet" and not cfg.space.channels.bilateral:
         raise UserError("supernet.sampling=bcnet needs a bilateral channel policy in space.channels "
                         "(embed, attn or mlp): without one the right pass repeats the left")
     if sec.distill and sec.sampling != "sandwich":
@@ -172,9 +171,7 @@ def train(cfg: Config, info: dist.DistInfo) -> dict:
     local_batch = sec.batch_size // info.world_size
     val_loader = create_loader(splits.val, local_batch, shuffle=False, workers=cfg.data.workers)
     mixup = create_mixup(cfg.data, n_classes)
-    if mixup is not None and local_batch % 2:
-        raise UserError(f"Mixup/CutMix needs an even batch per process; supernet.batch_size="
-                        f"{sec.batch_size} over {info.world_size} process(es) gives {local_batch}")
+    check_mixup_batch(mixup, "supernet.batch_size", sec.batch_size, info.world_size)
     criterion = create_loss(cfg.data, mixup is not None)
 
     model = Superformer(space, n_classes, drop_path=sec.drop_path)

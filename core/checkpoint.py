@@ -5,13 +5,16 @@ through `torch.load(..., weights_only=True)` and a pickle that would run code is
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -40,26 +43,57 @@ def usual_permissions(path: Path) -> None:
     path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
+# Signals that interrupt a job: Ctrl-C, Slurm's SIGTERM, submitit's preemption/timeout SIGUSR2.
+_HELD = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Hold interrupting signals while a file is written, then deliver them in order.
+
+    submitit's preemption handler exits the process; landing inside `torch.save`, that exit is
+    masked by the zip writer's own error on the way out, and the job fails instead of requeueing.
+    Held, it runs right after the write, with the new file complete. (Main thread only: Python
+    runs signal handlers there and nowhere else.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {s: signal.getsignal(s) for s in _HELD if signal.getsignal(s) is not None}
+    for s in held:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
+
+
 def atomic_write(path: str | os.PathLike, write: Any, mode: str = "wb") -> Path:
     """Write `path` through `write(fileobj)` into a temporary sibling, fsync, then rename.
 
-    A crash at any point leaves either the old file or the new one, never a torn file.
+    A crash at any point leaves either the old file or the new one, never a torn file; an
+    interrupting signal (preemption) is held until the file is in place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     usual_permissions(Path(tmp))
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with held_signals():
+        try:
+            with os.fdopen(fd, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
     return path
 
 

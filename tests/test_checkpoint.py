@@ -1,6 +1,7 @@
 """Checkpoint I/O: atomic saves survive an interrupted write; weights_only refuses code."""
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import textwrap
@@ -8,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from core.checkpoint import check_space, load_checkpoint, save_checkpoint
+from core.checkpoint import atomic_write, check_space, load_checkpoint, save_checkpoint
 from core.errors import UserError
 
 
@@ -38,6 +39,32 @@ def test_interrupted_save_keeps_previous(tmp_path):
     assert res.returncode == -9
     back = load_checkpoint(path)
     assert back["epoch"] == 1 and torch.equal(back["w"], torch.zeros(4))
+
+
+def test_preemption_during_save_is_held_until_the_file_is_in_place(tmp_path):
+    """A preemption signal (submitit's USR2 handler exits) that lands inside torch.save runs once
+    the new checkpoint is complete: the job then requeues from it instead of failing."""
+    path = tmp_path / "last.pth"
+    calls: list[int] = []
+
+    def preempted(signum, frame):
+        calls.append(signum)
+        raise SystemExit(-1)  # what submitit's checkpoint_and_try_requeue ends with
+
+    def write(f):
+        torch.save({"epoch": 1, "w": torch.zeros(1000)}, f)
+        os.kill(os.getpid(), signal.SIGUSR2)  # arrives mid-write
+        assert not calls  # held: the handler has not run yet
+        f.write(b"")
+
+    previous = signal.signal(signal.SIGUSR2, preempted)
+    try:
+        with pytest.raises(SystemExit):
+            atomic_write(path, write)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert calls == [signal.SIGUSR2] and signal.getsignal(signal.SIGUSR2) is previous
+    assert load_checkpoint(path)["epoch"] == 1 and sorted(os.listdir(tmp_path)) == ["last.pth"]
 
 
 def test_exception_during_save_leaves_no_temp(tmp_path):

@@ -20,10 +20,10 @@ from typing import Callable
 
 import torch
 
-from core.config import ProxyConfig, SpaceConfig
-from search import proxies as P
-from supernet.model import Superformer
-from supernet.space import SearchSpace
+from vitas.core.config import ProxyConfig, SpaceConfig
+from vitas.search.proxies import measures as P
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import SearchSpace
 
 DEIT_TI = {"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": [3] * 12,
            "attn_dim": [192] * 12, "mlp_dim": [768] * 12}

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.checkpoint import save_checkpoint
-from core.config import load_config
-from core.data import write_digits
-from search.evaluate import AccuracyScorer
-from supernet.model import Superformer
-from supernet.space import space_from_config
+from vitas.core.checkpoint import save_checkpoint
+from vitas.core.config import load_config
+from vitas.core.data import write_digits
+from vitas.search.scoring.accuracy import AccuracyScorer
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import space_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.9

@@ -19,10 +19,10 @@ from pathlib import Path
 import timm
 import torch
 
-from core.config import ChannelsConfig, SpaceConfig
-from supernet.export import TIMM_VIT, timm_vit_args
-from supernet.model import Superformer
-from supernet.space import SearchSpace
+from vitas.core.config import ChannelsConfig, SpaceConfig
+from vitas.supernet.export import TIMM_VIT, timm_vit_args
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import SearchSpace
 
 TARGETS = {"left": 1.10, "bilateral": 1.10, "cyclic": 1.20}
 CASES = {  # name: (img_size, patch, batch, base embed, heads, depth, timed repetitions)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from core.errors import UserError
+from vitas.core.errors import UserError
 
 
 _UMASK = os.umask(0)

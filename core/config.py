@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import yaml
 
-from core.errors import UserError
+from vitas.core.errors import UserError
 
 
 @dataclass

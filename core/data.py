@@ -19,9 +19,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from core import dist
-from core.config import DataConfig, FieldRule, check_fields
-from core.errors import UserError
+from vitas.core import dist
+from vitas.core.config import DataConfig, FieldRule, check_fields
+from vitas.core.errors import UserError
 
 SPLITS = ("train", "val")
 # timm's interpolation modes; its 'random' (train only) would fail in the eval transform.

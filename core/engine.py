@@ -38,11 +38,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from core import dist
-from core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from core.config import FieldRule, check_fields
-from core.errors import UserError
-from core.logs import RunLogger, progress
+from vitas.core import dist
+from vitas.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vitas.core.config import FieldRule, check_fields
+from vitas.core.errors import UserError
+from vitas.core.logs import RunLogger, progress
 
 LAST = "last.pth"
 

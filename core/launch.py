@@ -1,6 +1,6 @@
 """Launching a stage through submitit: on Slurm where `sbatch` exists, else submitit's local executor.
 
-A stage is named by an entry string `"module:function"` (e.g. `"supernet.train:run"`); the function
+A stage is named by an entry string `"module:function"` (e.g. `"vitas.supernet.train:run"`); the function
 takes a `core.config.Config`. The string is resolved with importlib inside the job, so core never
 imports a stage. Each task exports the torch.distributed environment (`MASTER_ADDR`, `MASTER_PORT`,
 `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`) before calling the stage, which then sets up
@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator, Sequence
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from core.config import Config, LaunchConfig, config_from_dict
-from core.errors import UserError
+from vitas.core.config import Config, LaunchConfig, config_from_dict
+from vitas.core.errors import UserError
 
 EXECUTORS = ("auto", "slurm", "local")
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
-from core import dist
+from vitas.core import dist
 
 
 def _scalar(value: Any) -> float:

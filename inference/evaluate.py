@@ -19,14 +19,14 @@ from safetensors import SafetensorError
 from timm.data import resolve_data_config
 from torch import nn
 
-from core import dist
-from core.checkpoint import model_weights, write_json
-from core.config import Config, DataConfig, config_from_dict
-from core.data import build_dataset, class_names, create_loader
-from core.errors import UserError
-from core.metrics import evaluate_accuracy
-from inference.hub import is_url, load_remote
-from supernet.static import StaticViT
+from vitas.core import dist
+from vitas.core.checkpoint import model_weights, write_json
+from vitas.core.config import Config, DataConfig, config_from_dict
+from vitas.core.data import build_dataset, class_names, create_loader
+from vitas.core.errors import UserError
+from vitas.core.metrics import evaluate_accuracy
+from vitas.inference.hub import is_url, load_remote
+from vitas.supernet.static import StaticViT
 
 
 class LoadedModel(NamedTuple):

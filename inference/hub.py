@@ -19,9 +19,9 @@ from urllib.parse import unquote, urlparse
 
 from torch.hub import HASH_REGEX, download_url_to_file
 
-from core import dist
-from core.checkpoint import load_checkpoint
-from core.errors import UserError
+from vitas.core import dist
+from vitas.core.checkpoint import load_checkpoint
+from vitas.core.errors import UserError
 
 URL_SCHEMES = ("http", "https", "file")
 MIN_PREFIX = 8  # torch.hub's published file names carry 8 hex digits

@@ -11,10 +11,10 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from core.config import DataConfig
-from core.data import build_transform, class_names
-from core.errors import UserError
-from inference.evaluate import check_classes, load_model
+from vitas.core.config import DataConfig
+from vitas.core.data import build_transform, class_names
+from vitas.core.errors import UserError
+from vitas.inference.evaluate import check_classes, load_model
 
 
 def _read(path: str) -> Image.Image:

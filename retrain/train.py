@@ -22,19 +22,19 @@ from typing import Any, Optional
 
 import torch
 
-from core import dist
-from core.checkpoint import load_checkpoint, write_json
-from core.config import Config, save_config
-from core.data import (build_dataset, check_mixup_batch, class_names, create_loader, create_loss,
+from vitas.core import dist
+from vitas.core.checkpoint import load_checkpoint, write_json
+from vitas.core.config import Config, save_config
+from vitas.core.data import (build_dataset, check_mixup_batch, class_names, create_loader, create_loss,
                        create_mixup, num_classes)
-from core.engine import Trainer, check_recipe, configure_determinism, create_train_loader
-from core.errors import UserError
-from core.logs import RunLogger, setup_logging
-from core.metrics import evaluate_accuracy
-from retrain.retokenize import ElasticTokenViT, apply_stage, build_schedule, stage_at, training_macs
-from supernet.complexity import arch_cost
-from supernet.model import Superformer
-from supernet.space import SearchSpace, load_arch
+from vitas.core.engine import Trainer, check_recipe, configure_determinism, create_train_loader
+from vitas.core.errors import UserError
+from vitas.core.logs import RunLogger, setup_logging
+from vitas.core.metrics import evaluate_accuracy
+from vitas.retrain.retokenize import ElasticTokenViT, apply_stage, build_schedule, stage_at, training_macs
+from vitas.supernet.complexity import arch_cost
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import SearchSpace, load_arch
 
 log = logging.getLogger("vitas.retrain")
 

@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from core.errors import UserError
-from search.scorers import Scorer, is_valid
-from supernet.space import SearchSpace
+from vitas.core.errors import UserError
+from vitas.search.scoring.base import Scorer, is_valid
+from vitas.supernet.space import SearchSpace
 
 COSTS = ("macs", "params")
 

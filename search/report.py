@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from core.checkpoint import atomic_write, write_json
-from core.config import Config
+from vitas.core.checkpoint import atomic_write, write_json
+from vitas.core.config import Config
 
 RECORD_KEYS = ("key", "arch", "macs", "params", "feasible", "found", "fitness")
 

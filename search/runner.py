@@ -19,23 +19,23 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
-from core import dist
-from core.checkpoint import load_checkpoint, save_checkpoint
-from core.config import Config, save_config
-from core.data import num_classes
-from core.errors import UserError
-from core.launch import submit_array, wait_result
-from core.logs import RunLogger, progress, setup_logging
-from search.archive import Archive, Budget
-from search.evolution import Evolution
-from search.report import entry, write_outputs
-from search.rl import Reinforce
-from search.scorers import Scorer, create_scorer, scorer_class
-from supernet.complexity import arch_cost
-from supernet.space import space_from_config
+from vitas.core import dist
+from vitas.core.checkpoint import load_checkpoint, save_checkpoint
+from vitas.core.config import Config, save_config
+from vitas.core.data import num_classes
+from vitas.core.errors import UserError
+from vitas.core.launch import submit_array, wait_result
+from vitas.core.logs import RunLogger, progress, setup_logging
+from vitas.search.archive import Archive, Budget
+from vitas.search.algorithms.evolution import Evolution
+from vitas.search.report import entry, write_outputs
+from vitas.search.algorithms.rl import Reinforce
+from vitas.search.scoring.base import Scorer, create_scorer, scorer_class
+from vitas.supernet.complexity import arch_cost
+from vitas.supernet.space import space_from_config
 
 STAGE = "search"
-ENTRY = "search.runner:run"
+ENTRY = "vitas.search.runner:run"
 ALGORITHMS = ("ga", "nsga2", "rl")
 # Settings that shape the search path: a saved state made under others is not continued.
 PATH_KEYS = ("algorithm", "scorer", "seed", "population", "constraint", "macs_min", "macs_max",
@@ -62,7 +62,7 @@ class ArrayScoring:
             return []  # rank 0 submits; Scorer.score broadcasts its merged results
         chunks = [list(c) for c in np.array_split(np.array(archs, dtype=object),
                                                   min(self.cfg.search.array_jobs, len(archs)))]
-        jobs = submit_array(self.cfg, "search.runner:score_chunk", chunks, stage=STAGE)
+        jobs = submit_array(self.cfg, "vitas.search.runner:score_chunk", chunks, stage=STAGE)
         return [metrics for job in jobs for metrics in wait_result(job)]
 
 

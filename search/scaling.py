@@ -24,15 +24,15 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from core.checkpoint import write_json
-from core.config import Config, save_config
-from core.data import num_classes
-from core.errors import UserError
-from retrain.train import static_args
-from search.proxies import check_proxy_config, ntk_batch, proxy_scores
-from supernet.complexity import arch_cost
-from supernet.space import SearchSpace, load_arch, space_from_config
-from supernet.static import StaticViT, check_arch
+from vitas.core.checkpoint import write_json
+from vitas.core.config import Config, save_config
+from vitas.core.data import num_classes
+from vitas.core.errors import UserError
+from vitas.retrain.train import static_args
+from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores
+from vitas.supernet.complexity import arch_cost
+from vitas.supernet.space import SearchSpace, load_arch, space_from_config
+from vitas.supernet.static import StaticViT, check_arch
 
 log = logging.getLogger("vitas.scale")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from supernet.space import SearchSpace
+from vitas.supernet.space import SearchSpace
 
 
 class Cost(NamedTuple):

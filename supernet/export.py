@@ -20,10 +20,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models._hub import save_for_hf
 
-from core.checkpoint import usual_permissions
-from core.errors import UserError
-from supernet.model import Superformer
-from supernet.static import StaticViT
+from vitas.core.checkpoint import usual_permissions
+from vitas.core.errors import UserError
+from vitas.supernet.model import Superformer
+from vitas.supernet.static import StaticViT
 
 # What an export folder holds: only such a folder (or an empty one) may be replaced.
 EXPORT_FILES = frozenset({"config.json", "model.safetensors"})

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supernet.channels import ChannelSet
+from vitas.supernet.channels import ChannelSet
 
 
 def _take(t: torch.Tensor, dim: int, channels: Optional[ChannelSet]) -> torch.Tensor:

@@ -15,11 +15,11 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from supernet.channels import ChannelPolicy, ChannelSet
-from supernet.layers import (ElasticConv2d, ElasticLayerNorm, ElasticLinear, RelativePosition2D,
+from vitas.supernet.channels import ChannelPolicy, ChannelSet
+from vitas.supernet.layers import (ElasticConv2d, ElasticLayerNorm, ElasticLinear, RelativePosition2D,
                              attend, merge_heads, split_heads)
-from supernet.space import SearchSpace
-from supernet.static import ExplicitAttention, Mlp, StaticViT, init_vit_weights, no_weight_decay_names
+from vitas.supernet.space import SearchSpace
+from vitas.supernet.static import ExplicitAttention, Mlp, StaticViT, init_vit_weights, no_weight_decay_names
 
 
 class SuperStem(nn.Module):

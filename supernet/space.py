@@ -14,9 +14,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from core.checkpoint import check_space
-from core.config import SpaceConfig
-from core.errors import UserError
+from vitas.core.checkpoint import check_space
+from vitas.core.config import SpaceConfig
+from vitas.core.errors import UserError
 
 POLICIES = ("left", "bilateral", "cyclic")
 LAYER_FIELDS = ("num_heads", "attn_dim", "mlp_dim")

@@ -16,7 +16,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from supernet.layers import RelativePosition2D, attend, merge_heads, split_heads
+from vitas.supernet.layers import RelativePosition2D, attend, merge_heads, split_heads
 
 ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "attn_dim", "mlp_dim")
 

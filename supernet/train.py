@@ -1,4 +1,4 @@
-"""Superformer training (`vitas train-supernet`, submitit entry "supernet.train:run").
+"""Superformer training (`vitas train-supernet`, submitit entry "vitas.supernet.train:run").
 
 Sampling modes (`supernet.sampling`), each step's passes on the same batch, gradients summed:
 - `uniform` (AutoFormer): one random subnet; its side is random where a policy is bilateral.
@@ -25,18 +25,18 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
-from core import dist
-from core.checkpoint import write_json
-from core.config import Config, save_config
-from core.data import (build_splits, check_mixup_batch, create_loader, create_loss, create_mixup,
+from vitas.core import dist
+from vitas.core.checkpoint import write_json
+from vitas.core.config import Config, save_config
+from vitas.core.data import (build_splits, check_mixup_batch, create_loader, create_loss, create_mixup,
                        num_classes)
-from core.engine import (Trainer, check_recipe, check_same_across_ranks, configure_determinism,
+from vitas.core.engine import (Trainer, check_recipe, check_same_across_ranks, configure_determinism,
                          create_train_loader, derive_seed)
-from core.errors import UserError
-from core.logs import RunLogger, setup_logging
-from core.metrics import evaluate_accuracy
-from supernet.model import Superformer
-from supernet.space import SearchSpace
+from vitas.core.errors import UserError
+from vitas.core.logs import RunLogger, setup_logging
+from vitas.core.metrics import evaluate_accuracy
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import SearchSpace
 
 STAGE = "supernet"
 SAMPLINGS = ("uniform", "autoslim", "bcnet", "sandwich")

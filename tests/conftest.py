@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.data import write_digits
+from vitas.core.data import write_digits
 
 # Tiny models run many times faster on one thread than on several competing ones; subprocesses
 # (torchrun, submitit, the CLI) inherit the setting through the environment.

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from core import dist
-from core.config import Config
+from vitas.core import dist
+from vitas.core.config import Config
 
 
 def _save(state: dict, path: Path) -> None:

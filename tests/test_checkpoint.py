@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from core.checkpoint import atomic_write, check_space, load_checkpoint, save_checkpoint
-from core.errors import UserError
+from vitas.core.checkpoint import atomic_write, check_space, load_checkpoint, save_checkpoint
+from vitas.core.errors import UserError
 
 
 def test_save_load_round_trip(tmp_path):
@@ -26,7 +26,7 @@ def test_interrupted_save_keeps_previous(tmp_path):
     save_checkpoint({"epoch": 1, "w": torch.zeros(4)}, path)
     script = textwrap.dedent(f"""
         import os, signal, torch
-        import core.checkpoint as ck
+        import vitas.core.checkpoint as ck
         real_save = torch.save
         def dying_save(obj, f):
             f.write(b"partial bytes of a checkpoint")

@@ -66,7 +66,7 @@ def test_unknown_option_names_the_subcommand(capsys) -> None:
 
 
 def test_debug_works_after_the_command() -> None:
-    from core.errors import UserError
+    from vitas.core.errors import UserError
     with pytest.raises(UserError, match="missing field"):
         main(["arch", "cost", "-c", DEMO, "--arch", '{"depth": 1}', "--debug"])
 

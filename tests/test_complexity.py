@@ -11,11 +11,11 @@ import torch
 
 from flop_count import torch_macs
 
-from core.config import ChannelsConfig, SpaceConfig, load_config
-from supernet.complexity import arch_cost
-from supernet.model import Superformer
-from supernet.space import SearchSpace
-from supernet.static import StaticViT
+from vitas.core.config import ChannelsConfig, SpaceConfig, load_config
+from vitas.supernet.complexity import arch_cost
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import SearchSpace
+from vitas.supernet.static import StaticViT
 from vitas.cli import main
 
 DEIT = {  # name: (embed, heads, params, macs) at 224 px, 1000 classes (DESIGN 4)

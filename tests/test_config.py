@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import Config, config_from_dict, load_config, save_config
-from core.errors import UserError
+from vitas.core.config import Config, config_from_dict, load_config, save_config
+from vitas.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from core.config import DataConfig
-from core.data import (build_dataset, build_splits, create_loader, create_loss, create_mixup,
+from vitas.core.config import DataConfig
+from vitas.core.data import (build_dataset, build_splits, create_loader, create_loss, create_mixup,
                        num_classes, split_train_holdout, targets, write_digits)
-from core.errors import UserError
+from vitas.core.errors import UserError
 from vitas.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

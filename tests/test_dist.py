@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.dist import (all_reduce_mean, all_reduce_sum, barrier, broadcast_object, cleanup,
+from vitas.core.dist import (all_reduce_mean, all_reduce_sum, barrier, broadcast_object, cleanup,
                        export_env, init_distributed, is_distributed, is_main, main_only)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 
 def worker(out: Path, check_loader: bool) -> None:
     """One rank: run every helper and write what it saw to OUT/rank<r>.json."""
-    from core.logs import RunLogger, progress
+    from vitas.core.logs import RunLogger, progress
 
     info = init_distributed()
     seen = {
@@ -42,7 +42,7 @@ def worker(out: Path, check_loader: bool) -> None:
     if check_loader:
         from torch.utils.data import TensorDataset
 
-        from core.data import create_loader
+        from vitas.core.data import create_loader
 
         data = TensorDataset(torch.arange(11))
         train = create_loader(data, 2, shuffle=True, seed=0, drop_last=True, workers=0)

@@ -10,13 +10,13 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from core.checkpoint import save_checkpoint
-from core.config import ChannelsConfig, Config, SpaceConfig
-from core.errors import UserError
-from supernet.export import EXPORT_FILES, export, load_exported
-from supernet.model import Superformer
-from supernet.space import SearchSpace
-from supernet.static import StaticViT
+from vitas.core.checkpoint import save_checkpoint
+from vitas.core.config import ChannelsConfig, Config, SpaceConfig
+from vitas.core.errors import UserError
+from vitas.supernet.export import EXPORT_FILES, export, load_exported
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import SearchSpace
+from vitas.supernet.static import StaticViT
 from vitas.cli import main
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.errors import UserError
-from inference.hub import download, load_remote, resolve_checkpoint
+from vitas.core.errors import UserError
+from vitas.inference.hub import download, load_remote, resolve_checkpoint
 
 
 class Evil:

@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import save_checkpoint
-from core.config import load_config
-from core.data import write_digits
-from core.errors import UserError
-from inference.evaluate import evaluate_checkpoint, load_model
-from inference.predict import predict
-from supernet.export import export
-from supernet.space import SearchSpace
-from supernet.static import StaticViT
+from vitas.core.checkpoint import save_checkpoint
+from vitas.core.config import load_config
+from vitas.core.data import write_digits
+from vitas.core.errors import UserError
+from vitas.inference.evaluate import evaluate_checkpoint, load_model
+from vitas.inference.predict import predict
+from vitas.supernet.export import export
+from vitas.supernet.space import SearchSpace
+from vitas.supernet.static import StaticViT
 from vitas.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

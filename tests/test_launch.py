@@ -15,9 +15,9 @@ import pytest
 import torch
 from submitit.core.utils import UncompletedJobError
 
-from core.config import Config, load_config
-from core.errors import UserError
-from core.launch import StageJob, create_executor, submit_array, submit_stage, wait_result
+from vitas.core.config import Config, load_config
+from vitas.core.errors import UserError
+from vitas.core.launch import StageJob, create_executor, submit_array, submit_stage, wait_result
 from slurm_setup import release_requeued
 from vitas.cli import main
 

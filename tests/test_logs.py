@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from core.logs import RunLogger, progress, setup_logging
+from vitas.core.logs import RunLogger, progress, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_progress_tqdm_on_a_terminal():
     """With stdout on a pseudo-terminal the bar is tqdm's (carriage returns, `it/s]`)."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    code = "from core.logs import progress\nfor _ in progress(range(50), desc='tty'): pass\n"
+    code = "from vitas.core.logs import progress\nfor _ in progress(range(50), desc='tty'): pass\n"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=follower)
     os.close(follower)
     chunks = []

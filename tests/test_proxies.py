@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import ProxyConfig, load_config
-from core.data import write_digits
-from core.errors import UserError
-from search import proxies as P
-from search import runner
-from search.proxy_scorer import ProxyScorer
-from search.scaling import best_choice, candidates, deepen, scale, seed_stages, widen
-from supernet.model import Superformer
-from supernet.space import space_from_config
-from supernet.static import StaticViT
+from vitas.core.config import ProxyConfig, load_config
+from vitas.core.data import write_digits
+from vitas.core.errors import UserError
+from vitas.search.proxies import measures as P
+from vitas.search import runner
+from vitas.search.scoring.proxy import ProxyScorer
+from vitas.search.scaling import best_choice, candidates, deepen, scale, seed_stages, widen
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import space_from_config
+from vitas.supernet.static import StaticViT
 from vitas.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau, spearmanr
 
-from core.checkpoint import save_checkpoint
-from core.config import load_config
-from core.data import write_digits
-from search import ranking
-from supernet.complexity import arch_cost
-from supernet.model import Superformer
-from supernet.space import space_from_config
+from vitas.core.checkpoint import save_checkpoint
+from vitas.core.config import load_config
+from vitas.core.data import write_digits
+from vitas.search.ranking import study as ranking
+from vitas.supernet.complexity import arch_cost
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import space_from_config
 from vitas.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]

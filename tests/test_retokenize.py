@@ -7,14 +7,14 @@ import torch
 
 from flop_count import torch_macs
 
-from core.config import load_config
-from core.data import write_digits
-from core.errors import UserError
-from retrain.retokenize import (ElasticTokenViT, apply_stage, build_schedule, footnote_dilation,
+from vitas.core.config import load_config
+from vitas.core.data import write_digits
+from vitas.core.errors import UserError
+from vitas.retrain.retokenize import (ElasticTokenViT, apply_stage, build_schedule, footnote_dilation,
                                 stage_at, stage_macs, training_macs)
-from retrain.train import train_arch
-from supernet.space import SearchSpace
-from supernet.static import StaticViT
+from vitas.retrain.train import train_arch
+from vitas.supernet.space import SearchSpace
+from vitas.supernet.static import StaticViT
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = {"patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": [2, 4], "attn_dim": [32, 64],

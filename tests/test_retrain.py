@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import load_checkpoint, save_checkpoint
-from core.config import RetrainConfig, SupernetConfig, load_config
-from core.data import write_digits
-from core.engine import check_recipe
-from core.errors import UserError
-from retrain.train import read_arch, supernet_weights, train_arch
-from supernet.model import Superformer
-from supernet.space import SearchSpace
+from vitas.core.checkpoint import load_checkpoint, save_checkpoint
+from vitas.core.config import RetrainConfig, SupernetConfig, load_config
+from vitas.core.data import write_digits
+from vitas.core.engine import check_recipe
+from vitas.core.errors import UserError
+from vitas.retrain.train import read_arch, supernet_weights, train_arch
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import SearchSpace
 from vitas.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ BAD_RETRAIN = [  # (overrides, text the one error line must contain)
     (["retrain.batch_size=0"], "retrain.batch_size must be >= 1, got 0"),
     (["retrain.batch_size=-5"], "retrain.batch_size must be >= 1, got -5"),
     (["retrain.epochs=0"], "retrain.epochs must be >= 1"),
-    (["retrain.opt=bogus"], "retrain.opt: 'bogus' is not a timm optimizer"),
+    (["retrain.opt=bogus"], "vitas.retrain.opt: 'bogus' is not a timm optimizer"),
     (["retrain.opt=fancy_adamw"], "retrain.opt"),
     (["retrain.lr=-1"], "retrain.lr must be a number > 0, got -1.0"),
     (["retrain.lr=.nan"], "retrain.lr must be a number > 0, got nan"),

@@ -14,19 +14,19 @@ import pytest
 import torch
 import yaml
 
-from core.checkpoint import load_checkpoint, save_checkpoint
-from core.config import load_config
-from core.data import write_digits
-from core.errors import UserError
-from search import runner
-from search.archive import Archive, Budget
-from search.evaluate import AccuracyScorer, holdout_batches, inherited_accuracy, sides
-from search.evolution import Evolution
-from search.rl import Reinforce
-from search.scorers import Scorer, rank_sum, weighted_sum
-from supernet.complexity import arch_cost
-from supernet.model import Superformer
-from supernet.space import space_from_config
+from vitas.core.checkpoint import load_checkpoint, save_checkpoint
+from vitas.core.config import load_config
+from vitas.core.data import write_digits
+from vitas.core.errors import UserError
+from vitas.search import runner
+from vitas.search.archive import Archive, Budget
+from vitas.search.scoring.accuracy import AccuracyScorer, holdout_batches, inherited_accuracy, sides
+from vitas.search.algorithms.evolution import Evolution
+from vitas.search.algorithms.rl import Reinforce
+from vitas.search.scoring.base import Scorer, rank_sum, weighted_sum
+from vitas.supernet.complexity import arch_cost
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import space_from_config
 from vitas.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,8 +233,8 @@ def test_sigkilled_search_process_resumes_to_the_same_result(tmp_path: Path) -> 
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_search import TargetScorer, demo_cfg, cost_fn, target_arch
-        from search import runner
-        from supernet.space import space_from_config
+        from vitas.search import runner
+        from vitas.supernet.space import space_from_config
         cfg = demo_cfg(sys.argv[1], "search.population=10", "search.generations=5")
         space = space_from_config(cfg)
         runner.search(cfg, TargetScorer(space, target_arch(space), kill_after=3), cost_fn(space))

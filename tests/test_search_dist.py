@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.checkpoint import save_checkpoint
-from core.config import load_config
-from core.data import write_digits
-from supernet.model import Superformer
-from supernet.space import space_from_config
+from vitas.core.checkpoint import save_checkpoint
+from vitas.core.config import load_config
+from vitas.core.data import write_digits
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import space_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "yamls" / "demo-digits.yaml"
@@ -38,9 +38,9 @@ def tiny_cfg(base: Path, out: Path, *overrides: str):
 
 def worker(base: Path, out: Path) -> None:
     """One rank: the whole `vitas search` stage, then this rank's own (un-broadcast) scores."""
-    from core import dist
-    from search.evaluate import AccuracyScorer
-    from search.runner import run
+    from vitas.core import dist
+    from vitas.search.scoring.accuracy import AccuracyScorer
+    from vitas.search.runner import run
 
     summary = run(tiny_cfg(base, out))
     scorer = AccuracyScorer(tiny_cfg(base, out))
@@ -64,7 +64,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def single_process(base: Path, out: Path, *overrides: str) -> dict:
-    from search.runner import run
+    from vitas.search.runner import run
 
     run(tiny_cfg(base, out, *overrides))
     return json.loads((out / "search" / "result.json").read_text())
@@ -94,7 +94,7 @@ def test_two_gloo_ranks_score_and_search_like_one_process(base: Path, tmp_path: 
     assert ranks[0] == ranks[1]  # every rank saw the same search and the same all-reduced scores
 
     single = single_process(base, tmp_path / "single")
-    from search.evaluate import AccuracyScorer
+    from vitas.search.scoring.accuracy import AccuracyScorer
 
     scorer = AccuracyScorer(tiny_cfg(base, tmp_path / "single"))
     archs = [scorer.space.sample(np.random.default_rng(i)) for i in range(4)]

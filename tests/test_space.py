@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.config import ChannelsConfig, SpaceConfig, load_config
-from core.errors import UserError
-from supernet.complexity import arch_cost
-from supernet.space import SearchSpace
+from vitas.core.config import ChannelsConfig, SpaceConfig, load_config
+from vitas.core.errors import UserError
+from vitas.supernet.complexity import arch_cost
+from vitas.supernet.space import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ["autoformer-T", "autoformer-S", "autoformer-B", "deit", "vitas-deit-1.3G", "demo-digits"]

@@ -8,11 +8,11 @@ import torch
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from core.config import ChannelsConfig, SpaceConfig, load_config
-from supernet.channels import ChannelPolicy
-from supernet.layers import ElasticLinear
-from supernet.model import Superformer
-from supernet.space import SearchSpace
+from vitas.core.config import ChannelsConfig, SpaceConfig, load_config
+from vitas.supernet.channels import ChannelPolicy
+from vitas.supernet.layers import ElasticLinear
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import SearchSpace
 
 POLICIES = ("left", "bilateral", "cyclic")
 

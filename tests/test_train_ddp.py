@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from core.checkpoint import load_checkpoint
+from vitas.core.checkpoint import load_checkpoint
 from train_setup import cli, tiny_config, train_env, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def worker(cfg_path: Path, out: Path) -> None:
     """One rank: train with a spy on set_active, then one hand-made two-pass DDP step."""
-    from core import dist
-    from core.config import load_config
-    from core.engine import Trainer
-    from supernet.model import Superformer
-    from supernet.space import SearchSpace
-    from supernet.train import train
+    from vitas.core import dist
+    from vitas.core.config import load_config
+    from vitas.core.engine import Trainer
+    from vitas.supernet.model import Superformer
+    from vitas.supernet.space import SearchSpace
+    from vitas.supernet.train import train
 
     cfg = load_config(cfg_path)
     space = SearchSpace(cfg.space)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import submitit
 
-from core.checkpoint import load_checkpoint
-from core.errors import UserError
-from core.launch import wait_result
+from vitas.core.checkpoint import load_checkpoint
+from vitas.core.errors import UserError
+from vitas.core.launch import wait_result
 from slurm_setup import release_requeued
 from train_setup import ROOT, cli, tiny_config, train_env, write_yaml
 

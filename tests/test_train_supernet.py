@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
-from core.checkpoint import load_checkpoint
-from core.config import config_from_dict
-from core.engine import GlobalBatchSampler, Trainer
-from supernet.model import Superformer
-from supernet.train import step_passes, validation_archs
+from vitas.core.checkpoint import load_checkpoint
+from vitas.core.config import config_from_dict
+from vitas.core.engine import GlobalBatchSampler, Trainer
+from vitas.supernet.model import Superformer
+from vitas.supernet.train import step_passes, validation_archs
 from vitas.cli import main
 
 from train_setup import ROOT, cli, state_tensors, tiny_config, tiny_space, train_env, write_yaml
@@ -191,7 +191,7 @@ def test_outputs_and_space_mismatch(tmp_path: Path, tiny_digits: Path,
 
 
 BAD_SUPERNET = [  # (override, text the one error line must contain)
-    ("supernet.opt=bogus", "supernet.opt: 'bogus' is not a timm optimizer"),
+    ("supernet.opt=bogus", "vitas.supernet.opt: 'bogus' is not a timm optimizer"),
     ("supernet.batch_size=0", "supernet.batch_size must be >= 1, got 0"),
     ("supernet.lr=-1", "supernet.lr must be a number > 0"),
     ("supernet.min_lr=.nan", "supernet.min_lr"),

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import yaml
 
-from core.config import config_from_dict
-from supernet.space import SearchSpace
+from vitas.core.config import config_from_dict
+from vitas.supernet.space import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 import sys
 
-from core.errors import UserError
+from vitas.core.errors import UserError
 import vitas.commands
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from core.config import Config, load_config
+from vitas.core.config import Config, load_config
 
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

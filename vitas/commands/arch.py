@@ -6,8 +6,8 @@ import json
 import random
 from pathlib import Path
 
-from core.config import Config
-from core.errors import UserError
+from vitas.core.config import Config
+from vitas.core.errors import UserError
 from vitas.commands._common import add_config_args, config_from_args
 
 
@@ -48,7 +48,7 @@ def num_classes(cfg: Config) -> int:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from supernet.space import SearchSpace
+    from vitas.supernet.space import SearchSpace
 
     if args.n < 1:
         raise UserError(f"-n must be at least 1, got {args.n}")
@@ -59,15 +59,15 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from supernet.space import SearchSpace, load_arch
+    from vitas.supernet.space import SearchSpace, load_arch
 
     space = SearchSpace(config_from_args(args).space)
     print(json.dumps(space.validate(load_arch(args.arch))))
 
 
 def _cost(args: argparse.Namespace) -> None:
-    from supernet.complexity import arch_cost
-    from supernet.space import SearchSpace, load_arch
+    from vitas.supernet.complexity import arch_cost
+    from vitas.supernet.space import SearchSpace, load_arch
 
     cfg = config_from_args(args)
     space = SearchSpace(cfg.space)

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # core.data imports timm: loaded only when a data command runs, to keep `vitas --help` quick.
 def _digits(args: argparse.Namespace) -> None:
-    from core.data import write_digits
+    from vitas.core.data import write_digits
 
     counts = write_digits(args.dir, val_fraction=args.val_fraction, seed=args.seed)
     print(f"wrote {counts['train']} train and {counts['val']} val images to {args.dir}")
@@ -35,8 +35,8 @@ def _digits(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from core.config import DataConfig
-    from core.data import build_dataset, class_names
+    from vitas.core.config import DataConfig
+    from vitas.core.data import build_dataset, class_names
 
     cfg = DataConfig(root=args.dir)
     counts = {split: len(build_dataset(cfg, split, 32, is_training=False))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from core.config import load_config
-from core.errors import UserError
+from vitas.core.config import load_config
+from vitas.core.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from core import dist
-    from inference.evaluate import evaluate_checkpoint
+    from vitas.core import dist
+    from vitas.inference.evaluate import evaluate_checkpoint
 
     cfg = load_config(args.config, args.overrides)
     checkpoint = args.checkpoint or cfg.inference.checkpoint

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from core.errors import UserError
+from vitas.core.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _data_config(state: dict) -> dict | None:
     """Preprocessing recorded with the exported weights, from the checkpoint's config."""
-    from core.config import config_from_dict
+    from vitas.core.config import config_from_dict
 
     if "config" not in state:
         return None
@@ -35,12 +35,12 @@ def _data_config(state: dict) -> dict | None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from core.checkpoint import load_checkpoint, model_weights
-    from core.config import config_from_dict
-    from supernet.export import export
-    from supernet.model import Superformer
-    from supernet.space import SearchSpace, load_arch
-    from supernet.static import StaticViT
+    from vitas.core.checkpoint import load_checkpoint, model_weights
+    from vitas.core.config import config_from_dict
+    from vitas.supernet.export import export
+    from vitas.supernet.model import Superformer
+    from vitas.supernet.space import SearchSpace, load_arch
+    from vitas.supernet.static import StaticViT
 
     state = load_checkpoint(args.checkpoint)
     if not isinstance(state, dict) or "model" not in state:

@@ -23,8 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from core.errors import UserError
-    from inference.predict import predict
+    from vitas.core.errors import UserError
+    from vitas.inference.predict import predict
 
     if args.topk < 1:
         raise UserError(f"--topk must be >= 1, got {args.topk}")

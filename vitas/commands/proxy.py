@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _proxy(args: argparse.Namespace) -> None:
-    from search.proxies import check_proxy_config, ntk_batch, proxy_scores, proxy_superformer
-    from supernet.space import load_arch, space_from_config
+    from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores, proxy_superformer
+    from vitas.supernet.space import load_arch, space_from_config
 
     cfg = config_from_args(args)
     check_proxy_config(cfg.proxy)

@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _rank(args: argparse.Namespace) -> None:
-    from core.logs import setup_logging
-    from search.ranking import correlation_table, rank
+    from vitas.core.logs import setup_logging
+    from vitas.search.ranking.study import correlation_table, rank
 
     cfg = config_from_args(args)
     setup_logging()

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _retrain(args: argparse.Namespace) -> None:
-    from retrain.train import run
+    from vitas.retrain.train import run
 
     cfg = config_from_args(args)
     if args.arch is not None:

@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _scale(args: argparse.Namespace) -> None:
-    from core.logs import setup_logging
-    from search.scaling import run
+    from vitas.core.logs import setup_logging
+    from vitas.search.scaling import run
 
     cfg = config_from_args(args)
     if args.seed_arch is not None:

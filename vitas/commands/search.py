@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from core.dist import is_main
-    from search.runner import run
+    from vitas.core.dist import is_main
+    from vitas.search.runner import run
 
     summary = run(config_from_args(args))
     if is_main():

@@ -12,18 +12,18 @@ import json
 
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from core.errors import UserError
-from core.launch import check_entry, resolve_executor, submit_stage, wait_result
+from vitas.core.errors import UserError
+from vitas.core.launch import check_entry, resolve_executor, submit_stage, wait_result
 from vitas.commands._common import add_config_args, config_from_args
 
 # stage name -> (folder under output_dir, entry point "module:function" taking a Config)
 STAGES: dict[str, tuple[str, str]] = {
-    "train-supernet": ("supernet", "supernet.train:run"),
-    "search": ("search", "search.runner:run"),
-    "rank": ("rank", "search.ranking:run"),
-    "scale": ("scale", "search.scaling:run"),
-    "retrain": ("retrain", "retrain.train:run"),
-    "evaluate": ("evaluate", "inference.evaluate:run"),
+    "train-supernet": ("supernet", "vitas.supernet.train:run"),
+    "search": ("search", "vitas.search.runner:run"),
+    "rank": ("rank", "vitas.search.ranking.study:run"),
+    "scale": ("scale", "vitas.search.scaling:run"),
+    "retrain": ("retrain", "vitas.retrain.train:run"),
+    "evaluate": ("evaluate", "vitas.inference.evaluate:run"),
 }
 
 

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from supernet.train import STAGE, run
+    from vitas.supernet.train import STAGE, run
 
     cfg = config_from_args(args)
     summary = run(cfg)

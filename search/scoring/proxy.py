@@ -13,12 +13,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from core.config import Config
-from core.errors import UserError
-from search.proxies import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
-from search.scorers import Scorer, rank_sum, split_settings, valid_mask, worst_for_invalid
-from supernet.model import Superformer
-from supernet.space import space_from_config
+from vitas.core.config import Config
+from vitas.core.errors import UserError
+from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
+from vitas.search.scoring.base import Scorer, rank_sum, split_settings, valid_mask, worst_for_invalid
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import space_from_config
 
 COMBINES = ("rank_sum", "weighted")
 # proxy.* options that change the numbers (ntk_method only changes how they are computed).

@@ -16,14 +16,14 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Subset
 
-from core.checkpoint import load_checkpoint
-from core.config import Config
-from core.data import build_dataset, create_loader, num_classes, split_train_holdout
-from core.errors import UserError
-from core.metrics import evaluate_accuracy
-from search.scorers import Scorer, split_settings
-from supernet.model import Superformer
-from supernet.space import SearchSpace, space_from_config
+from vitas.core.checkpoint import load_checkpoint
+from vitas.core.config import Config
+from vitas.core.data import build_dataset, create_loader, num_classes, split_train_holdout
+from vitas.core.errors import UserError
+from vitas.core.metrics import evaluate_accuracy
+from vitas.search.scoring.base import Scorer, split_settings
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import SearchSpace, space_from_config
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -21,12 +21,12 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from core.config import Config, ProxyConfig
-from core.data import build_dataset, num_classes, split_train_holdout
-from core.errors import UserError
-from supernet.layers import RelativePosition2D
-from supernet.model import Superformer
-from supernet.space import space_from_config
+from vitas.core.config import Config, ProxyConfig
+from vitas.core.data import build_dataset, num_classes, split_train_holdout
+from vitas.core.errors import UserError
+from vitas.supernet.layers import RelativePosition2D
+from vitas.supernet.model import Superformer
+from vitas.supernet.space import space_from_config
 
 FIELDS = ("length_distortion", "ntk_condition", "curvature")
 CHOICES = {"radius": ("unit", "sqrt_n"), "output": ("features", "logits"), "norm": ("identity", "keep"),

@@ -26,9 +26,9 @@ from pymoo.core.problem import Problem
 from pymoo.core.termination import NoTermination
 from pymoo.problems.static import StaticProblem
 
-from core.errors import UserError
-from search.archive import Archive
-from supernet.space import SearchSpace
+from vitas.core.errors import UserError
+from vitas.search.archive import Archive
+from vitas.supernet.space import SearchSpace
 
 ALGORITHMS = ("ga", "nsga2")
 

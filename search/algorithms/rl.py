@@ -15,8 +15,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from core.errors import UserError
-from search.archive import Archive
+from vitas.core.errors import UserError
+from vitas.search.archive import Archive
 
 INVALID_REWARD = -1.0  # a sampled architecture the scorer marks invalid: as bad as a full-range drop
 

@@ -23,14 +23,14 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from core.config import DataConfig
-from core.dist import broadcast_object
-from core.errors import UserError
-from supernet.space import SearchSpace
+from vitas.core.config import DataConfig
+from vitas.core.dist import broadcast_object
+from vitas.core.errors import UserError
+from vitas.supernet.space import SearchSpace
 
 SCORERS = {
-    "accuracy": "search.evaluate:AccuracyScorer",
-    "proxy": "search.proxy_scorer:ProxyScorer",
+    "accuracy": "vitas.search.scoring.accuracy:AccuracyScorer",
+    "proxy": "vitas.search.scoring.proxy:ProxyScorer",
 }
 
 

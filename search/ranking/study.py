@@ -24,17 +24,17 @@ from typing import Any, Optional
 import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
-from core.checkpoint import atomic_write, write_json
-from core.config import Config, save_config
-from core.data import num_classes
-from core.errors import UserError
-from core.launch import resolve_executor, submit_array, wait_result
-from core.logs import progress
-from retrain.train import train_arch
-from search.evaluate import AccuracyScorer, checkpoint_path
-from search.proxies import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
-from supernet.complexity import arch_cost
-from supernet.space import SearchSpace, space_from_config
+from vitas.core.checkpoint import atomic_write, write_json
+from vitas.core.config import Config, save_config
+from vitas.core.data import num_classes
+from vitas.core.errors import UserError
+from vitas.core.launch import resolve_executor, submit_array, wait_result
+from vitas.core.logs import progress
+from vitas.retrain.train import train_arch
+from vitas.search.scoring.accuracy import AccuracyScorer, checkpoint_path
+from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
+from vitas.supernet.complexity import arch_cost
+from vitas.supernet.space import SearchSpace, space_from_config
 
 log = logging.getLogger("vitas.rank")
 
@@ -88,7 +88,7 @@ def ground_truth(cfg: Config, archs: list[dict], epochs: int) -> list[float]:
     """Val top-1 of each arch after `epochs` epochs from scratch (Slurm array, else in sequence)."""
     items = [(i, a, epochs) for i, a in enumerate(archs)]
     if resolve_executor(cfg.launch) == "slurm":
-        jobs = submit_array(cfg, "search.ranking:train_one", items, stage=STAGE)
+        jobs = submit_array(cfg, "vitas.search.ranking.study:train_one", items, stage=STAGE)
         return [float(wait_result(job)) for job in jobs]
     return [train_one(cfg, item) for item in progress(items, desc=f"ground truth ({epochs} epochs)")]
 

@@ -19,13 +19,42 @@ import yaml
 from vitas.core.errors import UserError
 
 
+def choice(default: str, *allowed: str) -> Any:
+    """A string field that must be one of `allowed` (checked when the config loads)."""
+    return field(default=default, metadata={"choices": tuple(allowed)})
+
+
+def at_least(default: int | float, low: int | float) -> Any:
+    """A number field that must be >= `low` (checked when the config loads)."""
+    return field(default=default, metadata={"min": low})
+
+
+def allowed_values(section: type, key: str) -> tuple[str, ...]:
+    """The allowed values of a `choice` field, e.g. `allowed_values(SearchConfig, "algorithm")`."""
+    return section.__dataclass_fields__[key].metadata["choices"]
+
+
+# Keys that moved: the old dotted name answers with the new one.
+MOVED = {
+    "search.checkpoint": "supernet.checkpoint",
+    "search.proxy_combine": "proxy.combine",
+    "search.proxy_weights": "proxy.weights",
+    "proxy.rank_archs": "rank.archs",
+    "proxy.ground_truth_epochs": "rank.ground_truth_epochs",
+    "proxy.scaling_param_limit": "scale.param_limit",
+    "proxy.scaling_seed_arch": "scale.seed_arch",
+}
+
+POLICIES = ("left", "bilateral", "cyclic")
+
+
 @dataclass
 class ChannelsConfig:
     """Channel policy (`left`, `bilateral`, `cyclic`) per elastic dimension."""
 
-    embed: str = "left"
-    attn: str = "left"
-    mlp: str = "left"
+    embed: str = choice("left", *POLICIES)
+    attn: str = choice("left", *POLICIES)
+    mlp: str = choice("left", *POLICIES)
 
     @property
     def bilateral(self) -> bool:
@@ -57,10 +86,10 @@ class SpaceConfig:
     super_depth: Optional[int] = None
     super_attn_dim: Optional[int] = None
     super_mlp_dim: Optional[int] = None
-    qk: str = "entangled"
+    qk: str = choice("entangled", "entangled", "private")
     rel_pos: bool = False
-    rel_pos_max: int = 14
-    pool: str = "cls"
+    rel_pos_max: int = at_least(14, 1)
+    pool: str = choice("cls", "cls", "mean")
     qkv_bias: bool = True
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
 
@@ -117,40 +146,43 @@ class TrainingRecipe:
 
 @dataclass
 class SupernetConfig(TrainingRecipe):
-    """Superformer training (`vitas train-supernet`). `batch_size` is the global batch per step."""
+    """Superformer training (`vitas train-supernet`), and which superformer later stages use.
+
+    `batch_size` is the global batch per step. `checkpoint` and `weights` say which file and which
+    of its weights search, rank and `retrain.init=supernet` read (one policy for all of them).
+    """
 
     clip_grad: Optional[float] = 5.0
-    sampling: str = "uniform"
+    sampling: str = choice("uniform", "uniform", "autoslim", "bcnet", "sandwich")
     distill: bool = False
-    val_random_archs: int = 3
+    val_random_archs: int = at_least(3, 0)
+    checkpoint: Optional[str] = None  # default: <output_dir>/supernet/last.pth
+    weights: str = choice("auto", "auto", "ema", "raw")  # auto: EMA when the checkpoint has it
 
 
 @dataclass
 class SearchConfig:
     """Architecture search (`vitas search`): evolution (`ga`, `nsga2`) or `rl`, over a scorer."""
 
-    algorithm: str = "ga"
-    scorer: str = "accuracy"
-    checkpoint: Optional[str] = None
-    population: int = 50
-    generations: int = 20
-    steps: int = 500
-    constraint: str = "macs"
+    algorithm: str = choice("ga", "ga", "nsga2", "rl", "random")
+    scorer: str = choice("accuracy", "accuracy", "proxy")
+    population: int = at_least(50, 2)
+    generations: int = at_least(20, 0)
+    steps: int = at_least(500, 1)
+    constraint: str = choice("macs", "macs", "params")
     macs_min: Optional[int] = None
     macs_max: Optional[int] = None
     params_min: Optional[int] = None
     params_max: Optional[int] = None
     mutation_prob: float = 0.1
     crossover_prob: float = 0.9
-    top_k: int = 10
+    top_k: int = at_least(10, 1)
     rl_lr: float = 0.08
     rl_baseline_momentum: float = 0.9
-    rl_window: int = 20
-    proxy_combine: str = "rank_sum"
-    proxy_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    batch_size: int = 256
-    array_jobs: int = 0
-    seed: int = 0
+    rl_window: int = at_least(20, 2)
+    batch_size: int = at_least(256, 1)
+    array_jobs: int = at_least(0, 0)
+    seed: int = at_least(0, 0)
 
 
 @dataclass
@@ -165,11 +197,25 @@ class ProxyConfig:
     ntk_images: int = 16
     velocity: str = "fd"
     ntk_method: str = "vmap"
-    seed: int = 0
-    rank_archs: int = 20
-    ground_truth_epochs: int = 0
-    scaling_param_limit: int = 100_000_000
-    scaling_seed_arch: Optional[str] = None  # `vitas scale`'s seed: arch.json or inline JSON
+    seed: int = at_least(0, 0)
+    combine: str = choice("rank_sum", "rank_sum", "weighted")  # how search ranks by the proxies
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
+
+
+@dataclass
+class RankConfig:
+    """The ranking study (`vitas rank`): scores against trained ground truth."""
+
+    archs: int = at_least(20, 2)  # architectures sampled evenly over the MACs range
+    ground_truth_epochs: int = at_least(0, 0)  # train each from scratch for E epochs (0: none)
+
+
+@dataclass
+class ScaleConfig:
+    """Training-free auto-scaling (`vitas scale`, As-ViT Algorithm 2)."""
+
+    param_limit: int = at_least(100_000_000, 1)
+    seed_arch: Optional[str] = None  # the seed topology: arch.json or inline JSON
 
 
 @dataclass
@@ -179,7 +225,7 @@ class RetrainConfig(TrainingRecipe):
     epochs: int = 300
     ema: bool = True
     arch: Optional[str] = None
-    init: str = "scratch"
+    init: str = choice("scratch", "scratch", "supernet")
     retokenize: list[list[int]] = field(default_factory=list)
 
 
@@ -198,7 +244,7 @@ class InferenceConfig:
 class LaunchConfig:
     """How `vitas submit` runs a stage: Slurm through submitit, or submitit's local executor."""
 
-    executor: str = "auto"
+    executor: str = choice("auto", "auto", "slurm", "local")
     nodes: int = 1
     tasks_per_node: int = 1
     gpus_per_node: int = 0
@@ -221,6 +267,8 @@ class Config:
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -313,6 +361,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _unknown(key: str, prefix: str, valid: list[str]) -> UserError:
     full = f"{prefix}.{key}" if prefix else key
+    if full in MOVED:
+        return UserError(f"config key '{full}' has moved: use '{MOVED[full]}'")
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
     return UserError(f"unknown config key '{full}'{hint}")
@@ -326,7 +376,20 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         if key not in hints:
             raise _unknown(str(key), prefix, names)
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+        _check_allowed(cls.__dataclass_fields__[key], kwargs[key], f"{prefix}.{key}" if prefix else key)
     return cls(**kwargs)
+
+
+def _check_allowed(f: dataclasses.Field, value: Any, key: str) -> None:
+    """The field's `choice`/`at_least` rule, as a UserError naming the key and what is allowed."""
+    allowed = f.metadata.get("choices")
+    if allowed is not None and value not in allowed:
+        near = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
+    low = f.metadata.get("min")
+    if low is not None and value is not None and not value >= low:
+        raise UserError(f"{key} must be >= {low}, got {value!r}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

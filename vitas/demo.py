@@ -46,7 +46,7 @@ def main() -> int:
     # mean something (about 10 minutes on 2 cores).
     common = [f"output_dir={out}", f"data.root={data}", "data.holdout_per_class=20",
               "supernet.epochs=60", "search.population=24", "search.generations=10",
-              "search.steps=100", "proxy.rank_archs=10", "retrain.epochs=60"]
+              "search.steps=100", "rank.archs=10", "retrain.epochs=60"]
     cfg = ["-c", str(CONFIG)]
     times: dict[str, float] = {}
 

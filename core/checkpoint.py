@@ -14,7 +14,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -72,29 +72,63 @@ def held_signals() -> Iterator[None]:
             signal.raise_signal(s)
 
 
+class _RecordingFile:
+    """A file that remembers the first OSError its `write` raised: torch's zip writer turns a
+    full disk into "unexpected pos ..." and hides the cause."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def atomic_write(path: str | os.PathLike, write: Any, mode: str = "wb") -> Path:
     """Write `path` through `write(fileobj)` into a temporary sibling, fsync, then rename.
 
     A crash at any point leaves either the old file or the new one, never a torn file; an
-    interrupting signal (preemption) is held until the file is in place.
+    interrupting signal (preemption) is held until the file is in place. A file-system fault (a
+    full disk, a read-only or forbidden folder, a file where a folder should be) is a UserError
+    naming the path and the cause, and the previous file stays.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {_cause(exc)}") from None
     usual_permissions(Path(tmp))
     with held_signals():
+        recording = None
         try:
             with os.fdopen(fd, mode) as f:
-                write(f)
+                recording = _RecordingFile(f)
+                write(recording)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            fault = recording.error if recording is not None and recording.error else exc
+            if isinstance(fault, OSError):
+                kept = " (the previous file is kept)" if path.exists() else ""
+                raise UserError(f"cannot write {path}: {_cause(fault)}{kept}") from None
             raise
         _fsync_dir(path.parent)
     return path
+
+
+def _cause(exc: OSError) -> str:
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import yaml
 
+from vitas.core.checkpoint import atomic_write
 from vitas.core.errors import UserError
 
 
@@ -63,6 +64,25 @@ class ChannelsConfig:
 
 
 @dataclass
+class AsVitSpaceConfig:
+    """As-ViT's hierarchical topology space (its Table 1), read when `space.kind: asvit`.
+
+    `kernel`, `split`, `expansion` and `depth` hold one list of choices per stage (4 stages);
+    `num_heads` the last stage's head count, `embed_dim` the first stage's width C (docs/ASVIT.md).
+    """
+
+    kernel: list[list[int]] = field(default_factory=lambda: [[4, 5, 6, 7, 8], [2, 3, 4], [2, 3, 4], [2, 3, 4]])
+    split: list[list[int]] = field(default_factory=lambda: [[2, 4, 8], [1, 2, 4], [1, 2], [1]])
+    expansion: list[list[int]] = field(default_factory=lambda: [[2, 3, 4, 5, 6], [2, 3, 4, 5, 6],
+                                                                 [2, 3, 4, 5, 6], [2, 3, 4, 5, 6]])
+    depth: list[list[int]] = field(default_factory=lambda: [[1], [1], [1], [1]])
+    num_heads: list[int] = field(default_factory=lambda: [16, 32, 64])
+    embed_dim: list[int] = field(default_factory=lambda: [32])
+    width_cap: int = at_least(1024, 1)  # no stage wider (As-ViT's code)
+    pre_logits: bool = True  # linear + tanh before the classifier (As-ViT's code)
+
+
+@dataclass
 class SpaceConfig:
     """A search space: the choices of every architecture field and the superformer's sizes.
 
@@ -71,8 +91,10 @@ class SpaceConfig:
     """
 
     name: str = "custom"
-    img_size: int = 224
-    in_chans: int = 3
+    kind: str = choice("vit", "vit", "asvit")  # flat ViT (the fields below) or As-ViT (`asvit`)
+    asvit: AsVitSpaceConfig = field(default_factory=AsVitSpaceConfig)
+    img_size: int = at_least(224, 1)
+    in_chans: int = at_least(3, 1)
     patch_size: list[int] = field(default_factory=lambda: [16])
     embed_dim: list[int] = field(default_factory=lambda: [192])
     depth: list[int] = field(default_factory=lambda: [12])
@@ -91,6 +113,7 @@ class SpaceConfig:
     rel_pos_max: int = at_least(14, 1)
     pool: str = choice("cls", "cls", "mean")
     qkv_bias: bool = True
+    norm_eps: Optional[float] = None  # LayerNorm eps; None: timm's 1e-6 (AutoFormer's spaces: torch's 1e-5)
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
 
 
@@ -103,6 +126,7 @@ class DataConfig:
     holdout_per_class: int = 10
     split_seed: int = 0
     workers: int = 2
+    broken_images: str = choice("error", "error", "skip")  # skip: leave out and count them
     interpolation: str = "bicubic"
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -158,6 +182,7 @@ class SupernetConfig(TrainingRecipe):
     val_random_archs: int = at_least(3, 0)
     checkpoint: Optional[str] = None  # default: <output_dir>/supernet/last.pth
     weights: str = choice("auto", "auto", "ema", "raw")  # auto: EMA when the checkpoint has it
+    init: Optional[str] = None  # timm/DeiT weights to start from (supernet.pretrained.init_from_timm)
 
 
 @dataclass
@@ -197,9 +222,14 @@ class ProxyConfig:
     ntk_images: int = 16
     velocity: str = "fd"
     ntk_method: str = "vmap"
+    ntk_output: str = choice("features", "features", "logits")  # As-ViT: pooled features before the final norm
+    ntk_average: bool = True  # kappa averaged over the `inits` initialisations (As-ViT), else the first only
+    zico_batches: int = at_least(2, 2)  # ZiCo: the proxy images split into this many equal batches
     seed: int = at_least(0, 0)
-    combine: str = choice("rank_sum", "rank_sum", "weighted")  # how search ranks by the proxies
-    weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    names: list[str] = field(default_factory=lambda: ["length_distortion", "ntk_condition"])  # proxies search uses
+    combine: str = choice("rank_sum", "rank_sum", "weighted", "ensemble")  # how search ranks by the proxies
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0])  # one per name (rank_sum, weighted)
+    ensemble: Optional[str] = None  # combine=ensemble: a fitted ensemble's JSON (search.proxies.ensemble)
 
 
 @dataclass
@@ -236,8 +266,34 @@ class InferenceConfig:
     checkpoint: Optional[str] = None
     sha256: Optional[str] = None
     cache_dir: Optional[str] = None
-    batch_size: int = 256
+    batch_size: int = at_least(256, 1)
+    split: str = "val"  # the folder of data.root to evaluate on
     ema: bool = False  # evaluate the checkpoint's EMA weights instead of its raw ones
+
+
+@dataclass
+class LatencyConfig:
+    """Latency on a deployment setting (`vitas latency`): how to measure, and the latency model.
+
+    A latency model holds for one setting (device, batch_size, precision, threads, backend,
+    clock); loading it under another is refused. `clock: cpu` times process CPU time instead of
+    wall time: steadier on a shared machine, valid only on the CPU with one thread.
+    """
+
+    device: str = choice("cpu", "cpu", "cuda")
+    batch_size: int = at_least(1, 1)
+    precision: str = choice("fp32", "fp32", "bf16", "fp16")
+    threads: int = at_least(1, 1)  # torch intra-op threads on the CPU (onnxruntime's too)
+    backend: str = choice("eager", "eager", "compile", "onnx")
+    clock: str = choice("wall", "wall", "cpu")
+    warmup: int = at_least(5, 0)  # untimed calls before each round's timed ones
+    repeats: int = at_least(10, 1)  # timed calls per round
+    rounds: int = at_least(5, 1)  # rounds; a build times all its models in turn in each
+    predictor: str = choice("lut", "lut", "regression")
+    samples: int = at_least(40, 2)  # architectures measured end to end to fit the predictor
+    holdout: int = at_least(10, 0)  # further ones measured only to report its error
+    seed: int = at_least(0, 0)
+    model: Optional[str] = None  # default: <output_dir>/latency/latency.json
 
 
 @dataclass
@@ -272,6 +328,7 @@ class Config:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (JSON/YAML-able, and safe in a `weights_only` checkpoint)."""
@@ -418,14 +475,36 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping, at any level (PyYAML
+    would silently keep the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise UserError(f"{key_node.start_mark.name}: key '{key}' is given twice (lines "
+                                f"{seen[key]} and {line}); the second would silently win")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(stream: Any) -> Any:
+    """`yaml.load` with the safe loader that also refuses duplicated keys."""
+    return yaml.load(stream, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    """`yaml.safe_load` of a file, with missing files and syntax errors as UserErrors."""
+    """The YAML file at `path` read safely, with missing files, syntax errors and duplicated keys
+    as UserErrors."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return safe_load(f)
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     except UnicodeDecodeError:
@@ -438,11 +517,29 @@ def config_from_dict(tree: dict) -> Config:
         tree = {}
     if not isinstance(tree, dict):
         raise UserError("config must be a mapping of sections")
-    return _build(Config, tree)
+    cfg = _build(Config, tree)
+    _check_relations(cfg)
+    return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML experiment (or only defaults when `path` is None), apply dotted overrides.
+def _check_relations(cfg: Config) -> None:
+    """Value relations between fields, checked when the config loads."""
+    for name in ("supernet", "retrain"):
+        sec = getattr(cfg, name)
+        if sec.min_lr > sec.lr:
+            raise UserError(f"{name}.min_lr {sec.min_lr} is larger than {name}.lr {sec.lr}: the "
+                            "cosine schedule would raise the learning rate")
+    for name in ("macs", "params"):
+        lo, hi = getattr(cfg.search, f"{name}_min"), getattr(cfg.search, f"{name}_max")
+        if lo is not None and hi is not None and lo > hi:
+            raise UserError(f"search.{name}_min {lo} is larger than search.{name}_max {hi}")
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (),
+                values: Sequence[tuple[str, Any]] = ()) -> Config:
+    """Load a YAML experiment (or only defaults when `path` is None), then set `values` (dotted
+    key, value taken as it is: a command-line option's string), then apply `overrides`
+    (`key=value`, the value read as YAML).
 
     `output_dir` becomes absolute so that Slurm jobs started elsewhere write to the same place.
     """
@@ -451,7 +548,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         tree = {}
     if not isinstance(tree, dict):
         raise UserError(f"config file {path} must hold a mapping of sections")
-    for key, value in parse_overrides(list(overrides)):
+    for key, value in [*values, *parse_overrides(list(overrides))]:
         _set_dotted(tree, key, value)
     cfg = config_from_dict(tree)
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
@@ -460,12 +557,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: yaml.safe_dump(cfg.to_dict(), f, sort_keys=False), mode="w")
 
 
 def _require(path: str, key: str, kind: str) -> Path:

@@ -1,20 +1,31 @@
-"""Folder data sets (ImageNet layout) through timm, the hold-out split, and the digits data set.
+"""Folder data sets (ImageNet layout) with timm's transforms, the hold-out split, and the digits
+data set.
 
 `root/train/<class>/*` and `root/val/<class>/*`; class indices come from the sorted class folders of
 `train/` so every split agrees. Architectures are scored on a hold-out of `data.holdout_per_class`
 images per class taken from (and removed from) `train/`; `val/` is kept for final accuracy.
+
+Images are read strictly (`FolderDataset`): a file that does not decode, or one over Pillow's
+decompression-bomb limit, is a UserError naming it (timm's reader would skip it and return a
+neighbour in its place, counting that one twice); with `data.broken_images: skip` such files are
+left out when the data set is built, and counted. 16-bit images are scaled to 8 bits (Pillow's
+RGB conversion would clip them to 0/255). Class folders are walked following symbolic links, each
+real folder once, so a link loop neither multiplies the data set nor hangs.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import Mixup, create_dataset, create_transform
+from timm.data import Mixup, create_transform
+from timm.data.readers.img_extensions import get_img_extensions
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
@@ -23,6 +34,7 @@ from vitas.core import dist
 from vitas.core.config import DataConfig, FieldRule, check_fields
 from vitas.core.errors import UserError
 
+log = logging.getLogger("vitas.data")
 SPLITS = ("train", "val")
 # timm's interpolation modes; its 'random' (train only) would fail in the eval transform.
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -161,47 +173,151 @@ def _check_auto_augment(policy: str) -> None:
                         "null for none)") from None
 
 
-def build_transform(data_cfg: DataConfig, img_size: int, is_training: bool):
-    """timm's train (RandAugment, random erasing, ...) or eval (resize + center crop) pipeline."""
+def transform_settings(data_cfg: DataConfig, img_size: int, is_training: bool) -> dict[str, Any]:
+    """The keyword arguments of timm's `create_transform` for a split: the one description of
+    how images are turned into tensors (resumed searches compare it, so a change of any of them
+    is noticed)."""
+    common = dict(input_size=img_size, interpolation=data_cfg.interpolation,
+                  mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
     if not is_training:
-        return create_transform(img_size, is_training=False, interpolation=data_cfg.interpolation,
-                                mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
-                                crop_pct=data_cfg.crop_pct)
-    return create_transform(
-        img_size, is_training=True, auto_augment=data_cfg.auto_augment or None,
-        re_prob=data_cfg.reprob, color_jitter=data_cfg.color_jitter,
-        interpolation=data_cfg.interpolation, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
-        scale=tuple(data_cfg.scale), hflip=data_cfg.hflip,
-    )
+        return dict(common, is_training=False, crop_pct=data_cfg.crop_pct)
+    return dict(common, is_training=True, auto_augment=data_cfg.auto_augment or None,
+                re_prob=data_cfg.reprob, color_jitter=data_cfg.color_jitter,
+                scale=tuple(data_cfg.scale), hflip=data_cfg.hflip)
 
 
-def build_dataset(data_cfg: DataConfig, split: str, img_size: int, is_training: bool) -> Dataset:
-    """timm folder data set of `data.root/<split>` with the train or eval transform (the data
-    settings checked first)."""
-    check_data(data_cfg)
-    path = split_dir(data_cfg, split)
+def build_transform(data_cfg: DataConfig, img_size: int, is_training: bool) -> Callable:
+    """timm's train (RandAugment, random erasing, ...) or eval (resize + center crop) pipeline."""
+    return create_transform(**transform_settings(data_cfg, img_size, is_training))
+
+
+def _class_map(data_cfg: DataConfig, path: Path) -> dict[str, int]:
+    """Class name -> index from train/, refusing a split with class folders train/ lacks."""
     class_map = {name: i for i, name in enumerate(class_names(data_cfg))}
     if data_cfg.num_classes is not None and data_cfg.num_classes < len(class_map):
         raise UserError(f"data.num_classes={data_cfg.num_classes} is fewer than the "
                         f"{len(class_map)} class folders of {path.parent / 'train'}")
     foreign = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name not in class_map)
-    if foreign:  # timm would skip their images silently: accuracy over a part of the split
+    if foreign:  # their images would be skipped silently: accuracy over a part of the split
         raise UserError(f"data.root: {path} has class folders that train/ lacks: "
                         f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}")
-    transform = build_transform(data_cfg, img_size, is_training)
+    return class_map
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder` in natural order, following symbolic links but entering each
+    real folder once (a link loop neither repeats files nor hangs)."""
+    extensions = {e.lower() for e in get_img_extensions()}
+    seen: set[tuple[int, int]] = set()
+    found: list[Path] = []
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort(key=natural_key)
+        found.extend(Path(top) / f for f in files if os.path.splitext(f)[1].lower() in extensions)
+    return sorted(found, key=lambda p: natural_key(str(p.relative_to(folder))))
+
+
+def list_samples(path: Path, class_map: dict[str, int]) -> list[tuple[Path, int]]:
+    """(file, class index) of every image in the class folders of a split."""
+    return [(f, index) for name, index in class_map.items() if (path / name).is_dir()
+            for f in list_images(path / name)]
+
+
+def open_image(path: Path) -> Image.Image:
+    """The decoded RGB image at `path`; UserError naming the file when it cannot be decoded or
+    exceeds Pillow's decompression-bomb limit. 16-bit images are scaled down, not clipped."""
     try:
-        return create_dataset("", root=str(path), search_split=False, class_map=class_map,
-                              transform=transform)
-    except RuntimeError as exc:  # timm's folder reader refuses a split without images
-        if "Found 0 images" not in str(exc):
-            raise
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                img = Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8))
+            return img.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"image {path} is too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"image {path} cannot be decoded ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        "fix or remove it, or set data.broken_images=skip") from None
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        open_image(path)
+    except UserError:
+        return False
+    return True
+
+
+class FolderDataset(Dataset):
+    """`(transform(image), class index)` for every image of a split, decoded strictly."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Optional[Callable],
+                 skipped: Optional[list[Path]] = None) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.skipped = list(skipped or [])  # broken files left out (data.broken_images=skip)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, target = self.samples[index]
+        img = open_image(path)
+        return (self.transform(img) if self.transform is not None else img), target
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def build_dataset(data_cfg: DataConfig, split: str, img_size: int, is_training: bool) -> Dataset:
+    """The folder data set of `data.root/<split>` with the train or eval transform (the data
+    settings checked first)."""
+    check_data(data_cfg)
+    path = split_dir(data_cfg, split)
+    samples = list_samples(path, _class_map(data_cfg, path))
+    if not samples:
         raise UserError(f"data.root: no images found in {path} (expected {path}/<class>/<image> "
-                        "for the class folders of train/)") from None
+                        "for the class folders of train/)")
+    skipped: list[Path] = []
+    if data_cfg.broken_images == "skip":
+        skipped = [p for p, _ in samples if not _decodes(p)]
+        if skipped:
+            bad = set(skipped)
+            samples = [s for s in samples if s[0] not in bad]
+            log.warning("data: left out %d image(s) of %s that do not decode (first: %s)",
+                        len(skipped), path, skipped[0])
+    return FolderDataset(samples, build_transform(data_cfg, img_size, is_training), skipped)
 
 
 def targets(dataset: Dataset) -> list[int]:
-    """Class index of every sample of a timm folder data set, without decoding images."""
-    return [int(t) for _, t in dataset.reader.samples]
+    """Class index of every sample of a folder data set, without decoding images."""
+    return [int(t) for _, t in dataset.samples]
+
+
+def split_settings(data_cfg: DataConfig) -> dict[str, Any]:
+    """Which images the train/hold-out split puts where: a superformer records it, and scores
+    computed on a hold-out depend on it."""
+    return {"data.root": str(Path(data_cfg.root).expanduser().absolute()),
+            "data.holdout_per_class": data_cfg.holdout_per_class, "data.split_seed": data_cfg.split_seed}
+
+
+def check_data_source(data_cfg: DataConfig, holdout: bool) -> None:
+    """Refuse, before anything runs, data settings and folders no stage can use: bad values, a
+    missing root or split, class folders val/ has and train/ lacks and, with `holdout`, a
+    hold-out split that would take every image of a class (files are listed, not decoded)."""
+    check_data(data_cfg)
+    for split in SPLITS:
+        path = split_dir(data_cfg, split)
+        _class_map(data_cfg, path)
+    if holdout and data_cfg.holdout_per_class:
+        train = split_dir(data_cfg, "train")
+        for name in class_names(data_cfg):
+            count = len(list_images(train / name))
+            if count <= data_cfg.holdout_per_class:
+                raise UserError(f"data.holdout_per_class={data_cfg.holdout_per_class} leaves no "
+                                f"training images of class {name} ({count} images)")
 
 
 def split_train_holdout(dataset: Dataset, per_class: int, seed: int) -> tuple[list[int], list[int]]:

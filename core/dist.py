@@ -59,17 +59,23 @@ def export_env() -> None:
             os.environ.setdefault(key, value)
 
 
+def default_device() -> torch.device:
+    """This process's GPU (`cuda:LOCAL_RANK`, wrapped over the visible GPUs) or the CPU."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def init_distributed() -> DistInfo:
     """Join the process group when the environment holds more than one process (idempotent)."""
     export_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = default_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not is_distributed():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}

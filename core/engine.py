@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import math
 import os
 import random
@@ -45,6 +46,7 @@ from vitas.core.errors import UserError
 from vitas.core.logs import RunLogger, progress
 
 LAST = "last.pth"
+log = logging.getLogger("vitas.engine")
 
 
 class TrainSection(Protocol):
@@ -92,6 +94,9 @@ def check_recipe(section: TrainSection, name: str) -> None:
     """UserError naming `<name>.<key>` for a recipe value timm, torch or the loop cannot use,
     so a stage can refuse it before it reads data or writes anything."""
     check_fields(section, _RECIPE_RULES, name)
+    if section.min_lr > section.lr:
+        raise UserError(f"{name}.min_lr {section.min_lr} is larger than {name}.lr {section.lr}: "
+                        "the cosine schedule would raise the learning rate")
     names = list_optimizers()
     opt = section.opt.lower().removeprefix("lookahead_")
     if opt not in names:
@@ -99,6 +104,43 @@ def check_recipe(section: TrainSection, name: str) -> None:
         hint = f"did you mean {' or '.join(repr(n) for n in near)}? " if near else ""
         raise UserError(f"{name}.opt: {section.opt!r} is not a timm optimizer ({hint}"
                         "timm.optim.list_optimizers() names them; a 'lookahead_' prefix is allowed)")
+
+
+def check_resume(state: Any, section: TrainSection, path: Path, name: str) -> None:
+    """A saved training state this run can continue: a mapping with the entries the loop reads,
+    of the right types, and not more epochs than asked. UserError naming the entry otherwise."""
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a training state (it holds a {type(state).__name__})")
+    expected = {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "step": int,
+                "step_in_epoch": int, "steps_per_epoch": int, "rng": dict}
+    for key, kind in expected.items():
+        if key not in state:
+            raise UserError(f"{path} is not a {name} training state: it has no '{key}' entry")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise UserError(f"{path}: entry '{key}' is a {type(state[key]).__name__}, "
+                            f"expected {kind.__name__}")
+    if state["epoch"] > section.epochs:
+        raise UserError(f"{path} has already trained {state['epoch']} epochs, more than "
+                        f"{section.epochs} asked ({name}.epochs); ask for at least "
+                        f"{state['epoch']} or use a new output_dir")
+
+
+def nonfinite_tensors(tensors: dict[str, Any]) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or Inf (nested dicts searched),
+    or None."""
+    for key, value in tensors.items():
+        if isinstance(value, dict):
+            found = nonfinite_tensors(value)
+            if found is not None:
+                return f"{key}.{found}"
+        elif torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return str(key)
+    return None
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss, gradient or weight; last.pth keeps the last finite
+    state."""
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -220,6 +262,12 @@ def check_same_across_ranks(value: Any, what: str) -> None:
         raise RuntimeError(f"ranks disagree on {what}: {values}")
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "size mismatch" in line or "Missing" in line or
+                 "Unexpected" in line), lines[0] if lines else type(exc).__name__)
+
+
 # ----------------------------------------------------------------------------- trainer
 class Trainer:
     """One model's optimisation state and loop: DDP, AMP, clipping, EMA, schedule, last.pth.
@@ -253,6 +301,14 @@ class Trainer:
         self.step_in_epoch = 0    # steps completed in the current epoch
         self.global_step = 0      # optimizer steps completed
         self.resumed_from: Optional[tuple[int, int]] = None  # (epoch, global step) of last.pth
+        self.amp_skips = 0  # steps the AMP scaler skipped for overflow (normal, not divergence)
+
+    def _divergence(self, what: str) -> str:
+        kept = (f"{self.path} keeps the state after epoch {self.resumed_from[0] if self.resumed_from else 0}"
+                if not self.path.is_file() else f"{self.path} keeps the last finite state")
+        return (f"training diverged at epoch {self.epoch + 1}, step {self.global_step + 1}: {what} "
+                f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); {kept}. Lower the learning rate "
+                "or enable clipping, then rerun to resume")
 
     # ------------------------------------------------------------------ one step
     def autocast(self) -> ContextManager:
@@ -273,13 +329,23 @@ class Trainer:
         self.scaler.scale(loss).backward()
 
     def step(self) -> dict:
-        """Clip, optimizer step, clear grads (to None), EMA, schedule; returns lr and grad norm."""
+        """Clip, optimizer step, clear grads (to None), EMA, schedule; returns lr and grad norm.
+
+        A non-finite gradient norm (the same on every rank: gradients are all-reduced) stops
+        training with `Diverged`, before the step touches the weights. Under AMP it is the
+        scaler's normal overflow skip instead, unless the scale has collapsed below 1e-4.
+        """
         lr = self.optimizer.param_groups[0]["lr"]
         out = {"lr": lr}
-        if self.section.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.section.clip_grad))
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.section.clip_grad or math.inf)
+        out["grad_norm"] = float(norm)
+        if not math.isfinite(out["grad_norm"]):
+            if not self.use_amp or self.scaler.get_scale() < 1e-4:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise Diverged(self._divergence(f"the gradient norm is {out['grad_norm']}"))
+            self.amp_skips += 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -303,12 +369,17 @@ class Trainer:
             "step": self.global_step,
             "step_in_epoch": self.step_in_epoch,
             "steps_per_epoch": self.steps_per_epoch,
+            "planned_epochs": self.section.epochs,
             "rng": rng_state(),
             **self.extra_state,
         }
 
     def save(self) -> None:
-        """Write `<stage_dir>/last.pth` atomically (rank 0)."""
+        """Write `<stage_dir>/last.pth` atomically (rank 0), never with a non-finite weight: then
+        `Diverged` is raised and the previous file stays."""
+        bad = nonfinite_tensors({"model": self.model.state_dict()})
+        if bad is not None:
+            raise Diverged(self._divergence(f"weight {bad.removeprefix('model.')} is not finite"))
         if dist.is_main():
             save_checkpoint(self.state_dict(), self.path)
 
@@ -321,19 +392,30 @@ class Trainer:
         if not self.path.is_file():
             return False
         state = load_checkpoint(self.path, map_location="cpu")
+        check_resume(state, self.section, self.path, self.stage_dir.name)
         if check is not None:
             check(state)
-        if state.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch:
+        if state["steps_per_epoch"] != self.steps_per_epoch:
             raise UserError(f"{self.path} was written with {state['steps_per_epoch']} steps per "
                             f"epoch, this run has {self.steps_per_epoch} (batch_size or data "
                             f"changed); use a new output_dir")
-        if state["epoch"] > self.section.epochs:
-            raise UserError(f"{self.path} has already trained {state['epoch']} epochs, more than "
-                            f"{self.section.epochs} asked (epochs); ask for at least "
-                            f"{state['epoch']} or use a new output_dir")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        bad = nonfinite_tensors({"model": state["model"]})
+        if bad is not None:
+            raise UserError(f"{self.path}: tensor {bad} is not finite (the run diverged); "
+                            "delete the file to start over")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{self.path} does not fit this model: {_first_line(exc)}") from None
+        planned = state.get("planned_epochs", self.section.epochs)
+        if planned == self.section.epochs:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.step_update(num_updates=state["step"])  # a pure function of the step
+        if planned != self.section.epochs:  # the new length takes over from here
+            log.warning("%s was planned for %d epochs and stopped after %d; the learning-rate "
+                        "schedule now follows %d epochs (lr from here %.3g)", self.path, planned,
+                        state["epoch"], self.section.epochs, self.optimizer.param_groups[0]["lr"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])

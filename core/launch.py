@@ -1,10 +1,11 @@
 """Launching a stage through submitit: on Slurm where `sbatch` exists, else submitit's local executor.
 
-A stage is named by an entry string `"module:function"` (e.g. `"vitas.supernet.train:run"`); the function
-takes a `core.config.Config`. The string is resolved with importlib inside the job, so core never
-imports a stage. Each task exports the torch.distributed environment (`MASTER_ADDR`, `MASTER_PORT`,
-`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`) before calling the stage, which then sets up
-its process group from it (`core.dist.init_distributed`, env://). All GPUs of a node stay visible
+A job is named by an entry string `"module:attribute"`: a `Stage` (e.g.
+`"vitas.supernet.train:STAGE"`), run through `core.stage.execute`, or a function taking a
+`core.config.Config` (and an item, for array jobs). The string is resolved with importlib inside
+the job, so core never imports a stage. Each task exports the torch.distributed environment
+(`MASTER_ADDR`, `MASTER_PORT`, `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`) before
+calling it; `execute` then sets up the process group from it (`core.dist.init_distributed`, env://). All GPUs of a node stay visible
 to each task; a task picks `cuda:LOCAL_RANK`, as under torchrun.
 
 The submitted callable implements submitit's `checkpoint()`: on preemption or timeout Slurm (or the
@@ -29,8 +30,8 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from vitas.core.config import Config, LaunchConfig, config_from_dict
 from vitas.core.errors import UserError
+from vitas.core.stage import Stage, execute
 
-EXECUTORS = ("auto", "slurm", "local")
 
 
 def slurm_available() -> bool:
@@ -41,8 +42,6 @@ def slurm_available() -> bool:
 def resolve_executor(launch_cfg: LaunchConfig) -> str:
     """`launch.executor` made concrete: "slurm" or "local". UserError when Slurm is asked but absent."""
     kind = launch_cfg.executor
-    if kind not in EXECUTORS:
-        raise UserError(f"launch.executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
     if kind == "slurm" and not slurm_available():
         raise UserError("launch.executor is 'slurm' but `sbatch` is not on PATH "
                         "(use launch.executor=local, or start one with slurm/local-cluster.sh)")
@@ -117,13 +116,14 @@ def resolve_entry(entry: str) -> Callable[..., Any]:
         fn = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as exc:
         raise UserError(f"stage entry {entry!r} cannot be loaded: {exc}") from None
-    if not callable(fn):
-        raise UserError(f"stage entry {entry!r} is not callable")
+    if not (callable(fn) or isinstance(fn, Stage)):
+        raise UserError(f"stage entry {entry!r} is neither a Stage nor callable")
     return fn
 
 
 class StageJob:
-    """The callable submitit pickles: runs `entry(Config, *args)` in each task of the job.
+    """The callable submitit pickles: runs the entry's Stage (or `entry(Config, *args)`) in each
+    task of the job.
 
     Holds only the entry string and the resolved config as a plain dict, so that the pickle does
     not depend on stage code. `checkpoint()` makes submitit requeue the same job on preemption or
@@ -144,7 +144,10 @@ class StageJob:
             set_cuda_visible_devices=False, overwrite=True)
         print(f"vitas: {self.entry} rank {env.rank}/{env.world_size} "
               f"(master {env.master_addr}:{env.master_port})", flush=True)
-        return resolve_entry(self.entry)(config_from_dict(self.config), *args)
+        target = resolve_entry(self.entry)
+        if isinstance(target, Stage):
+            return execute(target, config_from_dict(self.config))
+        return target(config_from_dict(self.config), *args)
 
     def checkpoint(self, *args: Any) -> submitit.helpers.DelayedSubmission:
         """Requeue the same stage with the same arguments (it resumes from its last.pth)."""

@@ -9,7 +9,6 @@ trained with (resize, center crop, normalisation).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -22,8 +21,10 @@ from torch import nn
 from vitas.core import dist
 from vitas.core.checkpoint import model_weights, write_json
 from vitas.core.config import Config, DataConfig, config_from_dict
-from vitas.core.data import build_dataset, class_names, create_loader
+from vitas.core.data import build_dataset, class_names, create_loader, split_dir
 from vitas.core.errors import UserError
+from vitas.core.layout import EVALUATE, run_layout
+from vitas.core.stage import Option, Stage, StageContext
 from vitas.core.metrics import evaluate_accuracy
 from vitas.inference.hub import is_url, load_remote
 from vitas.supernet.static import StaticViT
@@ -103,25 +104,66 @@ def evaluate_checkpoint(path_or_url: str, data_root: str, sha256: Optional[str] 
 
     `batch_size` is the global batch: each of W processes takes `ceil(batch_size / W)` images.
     """
-    info = dist.init_distributed()
-    loaded = load_model(path_or_url, sha256, cache, info.device, ema)
+    loaded = load_model(path_or_url, sha256, cache, dist.default_device(), ema)
     data = dataclasses.replace(loaded.data, root=str(data_root), workers=workers)
     check_classes(loaded, class_names(data), str(data_root))
     dataset = build_dataset(data, split, loaded.img_size, is_training=False)
-    per_rank = max(1, -(-batch_size // info.world_size))
+    per_rank = max(1, -(-batch_size // dist.get_world_size()))
     loader = create_loader(dataset, per_rank, shuffle=False, workers=workers)
-    return evaluate_accuracy(loaded.model, loader, info.device)
+    return evaluate_accuracy(loaded.model, loader, dist.default_device())
 
 
-def run(cfg: Config) -> dict:
-    """Stage entry (`vitas submit evaluate`): `inference.checkpoint` (default: this run's retrain
-    checkpoint) on `data.root`; writes `<output_dir>/evaluate/result.json` and prints the JSON."""
-    checkpoint = cfg.inference.checkpoint or str(cfg.stage_dir("retrain") / "last.pth")
+def checkpoint_source(cfg: Config) -> str:
+    """`inference.checkpoint`, else this run's retrain checkpoint."""
+    return cfg.inference.checkpoint or str(run_layout(cfg.output_dir).retrain_checkpoint)
+
+
+def check(cfg: Config) -> None:
+    """A checkpoint that exists (or a URL), and a data folder with the split to evaluate."""
+    source = checkpoint_source(cfg)
+    if not is_url(source) and not Path(source).expanduser().exists():
+        key = "inference.checkpoint (--checkpoint)" if cfg.inference.checkpoint else "output_dir"
+        raise UserError(f"{key}: checkpoint not found: {source}")
+    if not cfg.data.root:
+        raise UserError("give --data DIR (or data.root)")
+    split_dir(cfg.data, cfg.inference.split)
+
+
+def run(cfg: Config, ctx: StageContext) -> dict:
+    """Stage entry (`vitas evaluate`, `vitas submit evaluate`): the checkpoint on `data.root`'s
+    split; a recorded run also writes `<output_dir>/evaluate/result.json`."""
+    checkpoint = checkpoint_source(cfg)
     result = evaluate_checkpoint(checkpoint, cfg.data.root, cfg.inference.sha256,
                                  cfg.inference.cache_dir, cfg.inference.batch_size, cfg.data.workers,
-                                 ema=cfg.inference.ema)
-    if dist.is_main():
+                                 cfg.inference.split, ema=cfg.inference.ema)
+    if ctx.record and dist.is_main():
         write_json({"checkpoint": checkpoint, "data": cfg.data.root, **result},
-                   cfg.stage_dir("evaluate") / "result.json")
-        print(json.dumps(result), flush=True)
-    return result
+                   ctx.layout.evaluate_result)
+    return {**result, "checkpoint": checkpoint, "data": cfg.data.root, "split": cfg.inference.split}
+
+
+def _report(summary: dict) -> list[str]:
+    return [f"{summary['checkpoint']} on {summary['data']}/{summary['split']}: top1 "
+            f"{summary['top1']:.2f}% top5 {summary['top5']:.2f}% ({summary['images']} images)"]
+
+
+STAGE = Stage(
+    name="evaluate", folder=EVALUATE, check=check, run=run, report=_report, config_required=False,
+    options=(
+        Option("--checkpoint", "inference.checkpoint", "retrain checkpoint, URL, or exported folder "
+               "(default: inference.checkpoint, else OUTPUT_DIR/retrain/last.pth)"),
+        Option("--data", "data.root", "data folder with train/ and val/ (default: data.root)",
+               metavar="DIR"),
+        Option("--sha256", "inference.sha256", "expected sha256 of a downloaded checkpoint"),
+        Option("--cache-dir", "inference.cache_dir", "download cache (default: inference.cache_dir, "
+               "$VITAS_CACHE_DIR or ~/.cache/vitas)"),
+        Option("--split", "inference.split", "folder to evaluate on (default: val)"),
+        Option("--ema", "inference.ema", "evaluate the checkpoint's EMA weights", is_flag=True),
+    ),
+    help="top-1/top-5 of a trained model on a val split",
+    description="Evaluate a retrain checkpoint (a file, or an http(s)/file URL downloaded into "
+    "the cache and checked against --sha256 or a torch.hub-style hash in its name) or an "
+    "exported folder on DIR/val, across all ranks under torchrun. Without -c nothing is written; "
+    "with a config (or `vitas submit evaluate`) the result also goes to "
+    'OUTPUT_DIR/evaluate/. The last line of stdout is {"top1", "top5", "images"}.',
+    last_line=("top1", "top5", "images"))

@@ -2,8 +2,9 @@
 
 The architecture comes from `retrain.arch` (a JSON file or inline JSON; `vitas retrain --arch`),
 else from `<output_dir>/search/arch.json`, and is validated against the config's space. Weights
-start from scratch (`retrain.init: scratch`) or from the superformer (`supernet`: the subnet of
-`<output_dir>/supernet/last.pth`, extracted with copied weights). It trains on all of `train/`
+start from scratch (`retrain.init: scratch`) or from the superformer (`supernet`: the subnet
+extracted with copied weights from the superformer the search scored with: the same file and
+the same weights, read by `vitas.supernet.checkpoint`). It trains on all of `train/`
 (the hold-out only serves the search) and reports on `val/`. The loop is `core.engine`'s
 (AdamW, warm-up + cosine, Mixup/CutMix, label smoothing, EMA, AMP on GPU, DDP, auto-resume from
 `<stage_dir>/last.pth`); val top-1/top-5 are measured after every epoch; progressive
@@ -14,7 +15,6 @@ The checkpoint holds "model" (StaticViT state dict), "arch", "model_args", "conf
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,16 +24,19 @@ import torch
 
 from vitas.core import dist
 from vitas.core.checkpoint import load_checkpoint, write_json
-from vitas.core.config import Config, save_config
-from vitas.core.data import (build_dataset, check_mixup_batch, class_names, create_loader, create_loss,
-                       create_mixup, num_classes)
-from vitas.core.engine import Trainer, check_recipe, configure_determinism, create_train_loader
+from vitas.core.config import Config, RetrainConfig
+from vitas.core.data import (build_dataset, check_data_source, check_mixup_batch, class_names,
+                             create_loader, create_loss, create_mixup, num_classes)
+from vitas.core.engine import (Trainer, check_recipe, check_resume, configure_determinism,
+                               create_train_loader)
 from vitas.core.errors import UserError
-from vitas.core.logs import RunLogger, setup_logging
+from vitas.core.layout import RETRAIN, run_layout
+from vitas.core.logs import RunLogger
 from vitas.core.metrics import evaluate_accuracy
+from vitas.core.stage import Option, Stage, StageContext
 from vitas.retrain.retokenize import ElasticTokenViT, apply_stage, build_schedule, stage_at, training_macs
+from vitas.supernet.checkpoint import inspect_superformer, read_superformer
 from vitas.supernet.complexity import arch_cost
-from vitas.supernet.model import Superformer
 from vitas.supernet.space import SearchSpace, load_arch
 
 log = logging.getLogger("vitas.retrain")
@@ -43,7 +46,7 @@ def read_arch(cfg: Config) -> dict:
     """The architecture to train (retrain.arch, else <output_dir>/search/arch.json), validated."""
     source = cfg.retrain.arch
     if source is None:
-        source = str(cfg.stage_dir("search") / "arch.json")
+        source = str(run_layout(cfg.output_dir).search_arch)
         if not Path(source).is_file():
             raise UserError(f"architecture file not found: {source} (run the search first, or "
                             "pass --arch FILE)")
@@ -58,41 +61,42 @@ def static_args(arch: dict, space: SearchSpace, classes: int) -> dict:
 
 
 def supernet_weights(cfg: Config, space: SearchSpace, arch: dict, classes: int) -> dict:
-    """`arch`'s weights extracted from `<output_dir>/supernet/last.pth` (space and classes checked)."""
-    path = cfg.stage_dir("supernet") / "last.pth"
-    if not path.is_file():
-        raise UserError(f"retrain.init=supernet needs the superformer checkpoint {path} "
-                        "(train the supernet first, or use retrain.init=scratch)")
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "model" not in state or "space" not in state:
-        raise UserError(f"{path} is not a superformer checkpoint (needs 'model' and 'space')")
-    space.check_spec(state["space"], str(path))
-    head = state["model"].get("head.weight")
-    if head is None or head.shape[0] != classes:
-        raise UserError(f"{path} has a {None if head is None else head.shape[0]}-class head, "
-                        f"the data set has {classes} classes")
-    supernet = Superformer(space, num_classes=classes)
-    try:
-        supernet.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise UserError(f"{path} does not fit the superformer of this space: "
-                        f"{str(exc).splitlines()[0]}") from None
+    """`arch`'s weights extracted from the superformer the search used (the same file and
+    weights policy: `vitas.supernet.checkpoint`)."""
+    supernet, _ = read_superformer(cfg, space, classes)
     return supernet.extract(arch).state_dict()
 
 
-def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[int] = None) -> dict:
-    """Train `arch` per `cfg.retrain` (epochs overridable) into `out_dir`; returns the final metrics.
+def check_training(cfg: Config, arch: dict, sec: RetrainConfig, out_dir: Path) -> None:
+    """Every user error findable before training `arch` into `out_dir`: recipe, data, the
+    re-tokenization schedule, the superformer to start from, and a last.pth it cannot continue."""
+    check_recipe(sec, "retrain")
+    check_data_source(cfg.data, holdout=False)
+    build_schedule(sec.retokenize, arch["patch_size"], cfg.space.img_size, sec.epochs)
+    space = SearchSpace(cfg.space)
+    if sec.init == "supernet":
+        inspect_superformer(cfg, space, num_classes(cfg.data))
+    path = out_dir / "last.pth"
+    if path.is_file():
+        state = load_checkpoint(path, mmap=True)
+        check_resume(state, sec, path, "retrain")
+        space.check_spec(state.get("space", {}) if isinstance(state.get("space"), dict) else {}, str(path))
+        if state.get("arch") != arch:
+            raise UserError(f"{path} was trained for another architecture; use a new output_dir")
+
+
+def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[int] = None,
+               device: Optional[torch.device] = None) -> dict:
+    """Train `arch` per `cfg.retrain` (epochs overridable) into `out_dir` in the current process
+    group (joined by the caller); returns the final metrics.
 
     Resumes from `out_dir/last.pth` when present. The result (also `out_dir/summary.json`) holds
     val "top1", "top5", "images" of the final weights, "best_top1", "ema_top1" with EMA on, cost
     and the re-tokenization report.
     """
     sec = cfg.retrain if epochs is None else dataclasses.replace(cfg.retrain, epochs=epochs)
-    check_recipe(sec, "retrain")
-    if sec.init not in ("scratch", "supernet"):
-        raise UserError(f"retrain.init must be 'scratch' or 'supernet', got {sec.init!r}")
-    info = dist.init_distributed()
     out_dir = Path(out_dir)
+    info = dist.DistInfo(dist.get_rank(), dist.get_world_size(), 0, device or dist.default_device())
     space = SearchSpace(cfg.space)
     arch = space.validate(arch)
     classes, names = num_classes(cfg.data), class_names(cfg.data)
@@ -130,8 +134,6 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
 
     if trainer.resume(check):
         log.info("resumed from %s at epoch %d (step %d)", trainer.path, *trainer.resumed_from)
-    if dist.is_main():
-        save_config(dataclasses.replace(cfg, retrain=sec), out_dir / "config.yaml")
     macs = training_macs(arch, space, classes, schedule, sec.epochs, steps * sec.batch_size)
     if len(schedule) > 1:
         log.info("re-tokenization %s saves %.1f%% of the training MACs (%.3g vs %.3g)",
@@ -195,13 +197,30 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
     return summary
 
 
-def run(cfg: Config) -> dict:
+def check(cfg: Config) -> None:
+    """The architecture (retrain.arch or the search's arch.json) and everything training it needs."""
+    check_training(cfg, read_arch(cfg), cfg.retrain, run_layout(cfg.output_dir).stage(RETRAIN))
+
+
+def run(cfg: Config, ctx: StageContext) -> dict:
     """Stage entry (`vitas retrain`, `vitas submit retrain`): train into `<output_dir>/retrain`."""
-    setup_logging()
-    summary = train_arch(cfg, read_arch(cfg), cfg.stage_dir("retrain"))
-    if dist.is_main():
-        print(f"retrained: val top1 {summary['top1']:.2f}% top5 {summary['top5']:.2f}% "
-              f"({summary['images']} images); summary in {cfg.stage_dir('retrain') / 'summary.json'}")
-        print(json.dumps({k: summary[k] for k in ("top1", "top5", "images")}), flush=True)
-    dist.cleanup()
-    return summary
+    return train_arch(cfg, read_arch(cfg), ctx.dir, device=ctx.dist.device)
+
+
+def _report(summary: dict) -> list[str]:
+    return [f"retrained: val top1 {summary['top1']:.2f}% top5 {summary['top5']:.2f}% "
+            f"({summary['images']} images); checkpoint {summary['checkpoint']}"]
+
+
+STAGE = Stage(
+    name="retrain", folder=RETRAIN, check=check, run=run, report=_report,
+    options=(Option("--arch", "retrain.arch", "architecture to train: an arch.json file or inline "
+                    "JSON", metavar="FILE_OR_JSON"),),
+    help="train the chosen architecture (from scratch or superformer weights)",
+    description="Train the static ViT of an architecture with the DeiT recipe (all settings in "
+    "the config's retrain/data sections): from scratch or from the superformer's weights "
+    "(retrain.init=supernet), EMA, AMP on GPU, progressive re-tokenization (retrain.retokenize), "
+    "val accuracy after every epoch, auto-resume from OUTPUT_DIR/retrain/last.pth. The "
+    "architecture is --arch, else retrain.arch, else OUTPUT_DIR/search/arch.json. The last line "
+    'of stdout is {"top1", "top5", "images"}; OUTPUT_DIR/retrain/summary.json has the rest.',
+    last_line=("top1", "top5", "images"))

@@ -1,54 +1,49 @@
-"""The `vitas search` stage (also the submitit entry `search.runner:run`).
+"""The `vitas search` stage (`vitas.search.runner:STAGE`).
 
-Runs the GA, NSGA-II or RL search over the configured scorer in one process, under torchrun or as
-Slurm tasks: every rank runs the same search (same seeds, rank 0's scores broadcast) and shares the
-scoring work; rank 0 writes. The state is saved to `<output_dir>/search/last.pth` after every
-generation or RL step, and a search started again with the same output_dir continues
-from it to the same result. With `search.array_jobs > 0` the candidates of each round are split
-into that many chunks, scored as a Slurm job array (`core.launch.submit_array`; submitit's local
-executor without sbatch) and merged.
+Runs the configured algorithm (GA, NSGA-II, RL or random; `vitas.search.algorithms`) over the
+configured scorer (`vitas.search.scoring`) in one process, under torchrun or as Slurm tasks: every
+rank runs the same search (same seeds, rank 0's scores broadcast) and shares the scoring work;
+rank 0 writes. The state is saved to `<output_dir>/search/last.pth` after every round, and a search
+started again with the same output_dir continues from it to the same result; `check` refuses a
+saved state made under settings the algorithm, the budget or the scorer's numbers depend on. With
+`search.array_jobs > 0` the candidates of each round are split into that many chunks, scored as a
+Slurm job array (`core.launch.submit_array`; submitit's local executor without sbatch) and merged.
 
-Outputs in `<output_dir>/search/`: config.yaml, last.pth, result.json, arch.json, pareto.png,
-retrain.yaml, log.jsonl and TensorBoard events.
+Outputs in `<output_dir>/search/`: config.yaml, summary.json, last.pth, result.json, arch.json,
+pareto.png, retrain.yaml, log.jsonl and TensorBoard events.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import numpy as np
 
 from vitas.core import dist
 from vitas.core.checkpoint import load_checkpoint, save_checkpoint
-from vitas.core.config import Config, save_config
+from vitas.core.config import Config
 from vitas.core.data import num_classes
 from vitas.core.errors import UserError
 from vitas.core.launch import submit_array, wait_result
-from vitas.core.logs import RunLogger, progress, setup_logging
+from vitas.core.layout import SEARCH, run_layout
+from vitas.core.logs import RunLogger, progress
+from vitas.core.stage import Stage, StageContext
+from vitas.search.algorithms import SearchAlgorithm, algorithm_class, create_algorithm
 from vitas.search.archive import Archive, Budget
-from vitas.search.algorithms.evolution import Evolution
 from vitas.search.report import entry, write_outputs
-from vitas.search.algorithms.rl import Reinforce
-from vitas.search.scoring.base import Scorer, create_scorer, scorer_class
+from vitas.search.scoring import Scorer, create_scorer
 from vitas.supernet.complexity import arch_cost
-from vitas.supernet.space import space_from_config
-
-STAGE = "search"
-ENTRY = "vitas.search.runner:run"
-ALGORITHMS = ("ga", "nsga2", "rl")
-# Settings that shape the search path: a saved state made under others is not continued.
-PATH_KEYS = ("algorithm", "scorer", "seed", "population", "constraint", "macs_min", "macs_max",
-             "params_min", "params_max", "mutation_prob", "crossover_prob", "rl_lr",
-             "rl_baseline_momentum", "rl_window", "proxy_combine", "proxy_weights")
+from vitas.supernet.space import SearchSpace, space_from_config
 
 log = logging.getLogger(__name__)
-Searcher = Union[Evolution, Reinforce]
 
 
 def score_chunk(cfg: Config, archs: list[dict]) -> list[dict]:
     """Array-job entry: the metrics of one chunk of candidates, computed by a fresh scorer."""
-    return scorer_class(cfg.search.scorer)(cfg).compute(archs)
+    return create_scorer(cfg).compute(archs)
 
 
 class ArrayScoring:
@@ -62,72 +57,76 @@ class ArrayScoring:
             return []  # rank 0 submits; Scorer.score broadcasts its merged results
         chunks = [list(c) for c in np.array_split(np.array(archs, dtype=object),
                                                   min(self.cfg.search.array_jobs, len(archs)))]
-        jobs = submit_array(self.cfg, "vitas.search.runner:score_chunk", chunks, stage=STAGE)
+        jobs = submit_array(self.cfg, "vitas.search.runner:score_chunk", chunks, stage=SEARCH)
         return [metrics for job in jobs for metrics in wait_result(job)]
 
 
 def signature(cfg: Config, scorer: Scorer) -> dict:
-    """What a saved state must agree on to be continued: search-path settings, the scorer's own
-    settings (what its cached numbers depend on) and the space."""
-    return {**{f"search.{k}": getattr(cfg.search, k) for k in PATH_KEYS}, **scorer.settings(),
-            "space": scorer.space.spec()}
+    """What a saved state must agree on to be continued: the chosen algorithm's own settings (not
+    its number of rounds, which may grow), the budget, the scorer's settings and the space."""
+    settings = algorithm_class(cfg.search.algorithm).settings_from(cfg.search)
+    return {"search.algorithm": cfg.search.algorithm, "search.scorer": cfg.search.scorer,
+            **{f"search.{k}": v for k, v in dataclasses.asdict(settings).items()},
+            **{f"budget.{k}": v for k, v in dataclasses.asdict(Budget.from_config(cfg.search)).items()},
+            **scorer.settings(), "space": scorer.space.spec()}
 
 
-def check_config(cfg: Config) -> None:
-    """UserErrors for search settings no algorithm can run with."""
-    s = cfg.search
-    if s.algorithm not in ALGORITHMS:
-        raise UserError(f"search.algorithm must be one of {list(ALGORITHMS)}, got {s.algorithm!r}")
-    if s.array_jobs < 0:
-        raise UserError(f"search.array_jobs must be >= 0, got {s.array_jobs}")
-    if s.top_k < 1:
-        raise UserError(f"search.top_k must be >= 1, got {s.top_k}")
+def _cost_fn(cfg: Config, space: SearchSpace) -> Callable[[dict], Any]:
+    classes = num_classes(cfg.data)
+    return lambda arch: arch_cost(arch, space, classes)
 
 
-def build_searcher(cfg: Config, archive: Archive) -> Searcher:
-    """Evolution (ga, nsga2) or Reinforce (rl) with the config's settings."""
-    s = cfg.search
-    if s.algorithm == "rl":
-        return Reinforce(archive, s.steps, s.rl_lr, s.rl_baseline_momentum, s.rl_window, s.seed)
-    return Evolution(s.algorithm, archive, s.population, s.generations, s.mutation_prob,
-                     s.crossover_prob, s.seed)
+def check(cfg: Config) -> None:
+    """Every user error findable before searching: budget and its feasibility, the scorer's
+    inputs (superformer, hold-out, proxy options), and a saved state made under other settings."""
+    space = space_from_config(cfg)
+    scorer = create_scorer(cfg)
+    scorer.check()
+    archive = Archive(space, scorer, _cost_fn(cfg, space), Budget.from_config(cfg.search))
+    archive.sample_in_budget(np.random.default_rng(0))  # UserError when nothing fits the budget
+    create_algorithm(archive, cfg.search)  # the algorithm's own value checks
+    state_path = run_layout(cfg.output_dir).search_state
+    if state_path.is_file():
+        state = load_checkpoint(state_path, mmap=True)
+        saved = state.get("signature") if isinstance(state, dict) else None
+        if not isinstance(saved, dict) or not isinstance(state.get("search"), dict):
+            raise UserError(f"{state_path} is not a search state (no 'signature'/'search' entries)")
+        for key, value in signature(cfg, scorer).items():
+            if saved.get(key) != value:
+                what = "the search space" if key == "space" else f"{key}={saved.get(key)!r}"
+                raise UserError(f"{state_path} was made with {what}, which this config changes; "
+                                "use another output_dir or delete the file to start over")
 
 
-def search(cfg: Config, scorer: Scorer, cost_fn: Callable[[dict], Any]) -> dict:
-    """Run (or continue) the configured search with `scorer`; rank 0 writes the outputs.
+def search(cfg: Config, scorer: Scorer, out: Path) -> dict:
+    """Run (or continue) the configured search with `scorer` into `out`; rank 0 writes the outputs.
 
     Returns the result (as written to result.json) on every rank.
     """
-    check_config(cfg)
     space = scorer.space
-    budget = Budget.from_config(cfg.search)
-    archive = Archive(space, scorer, cost_fn, budget)
-    searcher = build_searcher(cfg, archive)
-    out = cfg.stage_dir(STAGE)
+    archive = Archive(space, scorer, _cost_fn(cfg, space), Budget.from_config(cfg.search))
+    algo = create_algorithm(archive, cfg.search)
     state_path = out / "last.pth"
     sig = signature(cfg, scorer)
     if dist.broadcast_object(state_path.is_file()):  # rank 0 decides: all ranks take one path
-        _resume(searcher, load_checkpoint(state_path), sig, state_path)
-        log.info("search: continuing from %s (%s)", state_path, _position(searcher))
-    elif isinstance(searcher, Evolution):
-        searcher.initialize(lambda rng: space.sample_in_range(rng, cost_fn, macs=budget.macs, params=budget.params))
-        _save(searcher, sig, state_path)
-    if dist.is_main():  # only now: a bad budget or a missing checkpoint leaves no output folder
-        save_config(cfg, out / "config.yaml")
+        algo.load(load_checkpoint(state_path)["search"])
+        log.info("search: continuing from %s (%s %d)", state_path, algo.round_name, algo.position)
+    else:
+        algo.start()
+        _save(algo, sig, state_path)
 
-    total = cfg.search.steps if isinstance(searcher, Reinforce) else cfg.search.generations
-    done = searcher.step_count if isinstance(searcher, Reinforce) else searcher.generation
     with RunLogger(out) as logger:
-        bar = progress(range(done, max(total, done)), desc=f"search ({cfg.search.algorithm})")
+        bar = progress(range(algo.position, max(algo.rounds, algo.position)),
+                       desc=f"search ({cfg.search.algorithm})")
         for _ in bar:
-            if searcher.done:
+            if algo.done:
                 break
-            _advance(searcher, sig, state_path, logger)
+            logger.log(algo.position + 1, **algo.step())
+            _save(algo, sig, state_path)
             best = archive.best()
             if best is not None:
                 bar.set_postfix(best=float(archive.fitness([best["key"]])[0]), archs=len(archive))
-        _save(searcher, sig, state_path)
-    result = build_result(cfg, searcher, archive, scorer)
+    result = build_result(cfg, algo, scorer)
     if dist.is_main():
         metric = scorer.reward_terms[0][0] if len(scorer.reward_terms) == 1 else "fitness"
         write_outputs(out, cfg, result, metric)
@@ -135,71 +134,26 @@ def search(cfg: Config, scorer: Scorer, cost_fn: Callable[[dict], Any]) -> dict:
     return result
 
 
-def _advance(searcher: Searcher, sig: dict, state_path: Path, logger: RunLogger) -> None:
-    """One generation (or RL step), logged and saved."""
-    archive = searcher.archive
-    if isinstance(searcher, Reinforce):
-        info = searcher.step()
-        logger.log(info["step"], reward=info["reward"], baseline=info["baseline"],
-                   entropy=info["entropy"], archs=len(archive))
-        _save(searcher, sig, state_path)
-        return
-    bred = searcher.step()
-    best = archive.best()
-    logger.log(searcher.generation, offspring=bred, archs=len(archive),
-               feasible=sum(r["feasible"] for r in archive.records),
-               best_fitness=float(archive.fitness([best["key"]])[0]) if best else float("nan"))
-    log.info("search: generation %d/%d, %d archs", searcher.generation, searcher.generations, len(archive))
-    _save(searcher, sig, state_path)
-
-
-def _position(searcher: Searcher) -> str:
-    if isinstance(searcher, Reinforce):
-        return f"step {searcher.step_count}"
-    return f"generation {searcher.generation}"
-
-
-def _save(searcher: Searcher, sig: dict, path: Path) -> None:
+def _save(algo: SearchAlgorithm, sig: dict, path: Path) -> None:
     """Atomic save of the search state by rank 0."""
     if dist.is_main():
-        save_checkpoint({"search": searcher.state(), "signature": sig}, path)
+        save_checkpoint({"search": algo.state(), "signature": sig}, path)
 
 
-def _resume(searcher: Searcher, state: dict, sig: dict, path: Path) -> None:
-    """Load a saved state after checking it was made with the same search-path settings."""
-    saved = state.get("signature", {})
-    for key in sig:
-        if saved.get(key) != sig[key]:
-            what = "the search space" if key == "space" else f"{key}={saved.get(key)!r}"
-            raise UserError(f"{path} was made with {what}, which this config changes; "
-                            "use another output_dir or delete the file to start over")
-    searcher.load(state["search"])
-
-
-def build_result(cfg: Config, searcher: Searcher, archive: Archive, scorer: Scorer) -> dict:
-    """result.json: config, seed, budget, every architecture met, the Pareto front, top-k, choice.
-
-    RL's choice is the policy's argmax (As-ViT), taken when it fits the budget and is valid;
-    otherwise, and for evolution, the best-fitness architecture inside the budget.
-    """
-    argmax = None
-    if isinstance(searcher, Reinforce):
-        argmax = archive.evaluate([searcher.argmax_arch()], found=searcher.step_count)[0]
+def build_result(cfg: Config, algo: SearchAlgorithm, scorer: Scorer) -> dict:
+    """result.json: config, seed, budget, every architecture met, the Pareto front, top-k, choice."""
+    archive = algo.archive
+    chosen, extra = algo.choose()
     fit = dict(zip((r["key"] for r in archive.records), archive.fitness().tolist()))
 
     def with_fitness(record: dict) -> dict:
         return entry({**record, "fitness": fit[record["key"]]} if record["feasible"] else record)
 
-    best = archive.best()
-    extra: dict[str, Any] = {}
-    if argmax is not None:
-        extra["rl"] = {"argmax": with_fitness(argmax), "argmax_chosen": archive.scored(argmax),
-                       "final_entropy": searcher.entropy(), "trace": searcher.trace}
-        if archive.scored(argmax):
-            best = argmax
-    if best is None:
+    if chosen is None:
         raise UserError("no architecture inside the budget was scored as valid; "
                         "widen search.macs_min/max or search.params_min/max")
+    if "rl" in extra:
+        extra["rl"]["argmax"] = with_fitness(extra["rl"]["argmax"])
     return {
         "config": cfg.to_dict(),
         "seed": cfg.search.seed,
@@ -208,9 +162,8 @@ def build_result(cfg: Config, searcher: Searcher, archive: Archive, scorer: Scor
                    "reward_terms": [list(t) for t in scorer.reward_terms]},
         "budget": {"primary": archive.budget.primary, "macs": list(archive.budget.macs),
                    "params": list(archive.budget.params)},
-        "progress": {"generations": getattr(searcher, "generation", None),
-                     "steps": getattr(searcher, "step_count", None)},
-        "chosen": with_fitness(best),
+        "progress": {algo.round_name + "s": algo.position},
+        "chosen": with_fitness(chosen),
         "pareto_front": [entry(r) for r in archive.pareto_front()],
         "top_k": [entry(r) for r in archive.top_k(cfg.search.top_k)],
         "evaluated": [with_fitness(r) for r in archive.records],
@@ -218,20 +171,33 @@ def build_result(cfg: Config, searcher: Searcher, archive: Archive, scorer: Scor
     }
 
 
-def run(cfg: Config) -> dict:
-    """`vitas search`: join the process group, build the scorer and cost model, search.
-
-    Returns a summary on every rank: the chosen arch, its cost and scores, and the output folder.
-    """
-    dist.init_distributed()
-    setup_logging()
-    check_config(cfg)
-    space = space_from_config(cfg)
-    classes = num_classes(cfg.data)
+def run(cfg: Config, ctx: StageContext) -> dict:
+    """`vitas search`: build the scorer and search; the summary has the chosen arch, its cost and
+    scores, and the output folder (on every rank)."""
     scorer = create_scorer(cfg)
     if cfg.search.array_jobs > 0:
         scorer.compute_fn = ArrayScoring(cfg)
-    result = search(cfg, scorer, lambda arch: arch_cost(arch, space, classes))
-    chosen = result["chosen"]
+    chosen = search(cfg, scorer, ctx.dir)["chosen"]
     return {"arch": chosen["arch"], "macs": chosen["macs"], "params": chosen["params"],
-            "scores": chosen["scores"], "fitness": chosen["fitness"], "output": str(cfg.stage_dir(STAGE))}
+            "scores": chosen["scores"], "fitness": chosen["fitness"], "output": str(ctx.dir)}
+
+
+def _report(summary: dict) -> list[str]:
+    scores = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in summary["scores"].items())
+    return [f"chosen architecture: {json.dumps(summary['arch'])}",
+            f"  macs {summary['macs']:,}  params {summary['params']:,}  {scores}",
+            f"  outputs in {summary['output']}"]
+
+
+STAGE = Stage(
+    name="search", folder=SEARCH, check=check, run=run, report=_report,
+    help="search architectures (GA, NSGA-II, RL or random; inherited accuracy or proxies)",
+    description="Search the config's space with search.algorithm (ga: constrained GA, nsga2: "
+    "score vs MACs Pareto front, rl: As-ViT REINFORCE, random: uniform inside the budget) scored "
+    "by search.scorer (accuracy: hold-out top-1 with weights inherited from the superformer; "
+    "proxy: training-free). Budgets: search.macs_min/max, search.params_min/max. Writes "
+    "OUTPUT_DIR/search/{config.yaml,last.pth,result.json,arch.json,pareto.png,retrain.yaml}; a "
+    "second run with the same OUTPUT_DIR continues from last.pth. The last line of stdout is a "
+    "JSON object {arch, macs, params, scores, output}.",
+    last_line=("arch", "macs", "params", "scores", "output"))

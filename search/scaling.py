@@ -6,10 +6,10 @@ layer copies the stage's last layer, or its nearest neighbour when the stage is 
 ratio widens embed_dim and every attn_dim and mlp_dim, each rounded up to a multiple of the head
 count (of every layer for embed_dim; of the fixed head_dim, adding heads, in spaces that fix it).
 Candidates are ranked by L^E (descending) plus kappa (ascending); the best rank sum (first on ties)
-is kept, until the parameter count reaches `proxy.scaling_param_limit`. Grown architectures leave
+is kept, until the parameter count reaches `scale.param_limit`. Grown architectures leave
 the space's choices, so they are built as StaticViTs. Every grown architecture, its proxies,
 params and MACs go to `<output_dir>/scale/trajectory.json`, rewritten after each step; a rerun
-with the same seed and settings continues from it.
+with the same seed and settings continues from it, and one with other settings is refused.
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ import torch
 from scipy.stats import rankdata
 
 from vitas.core.checkpoint import write_json
-from vitas.core.config import Config, save_config
-from vitas.core.data import num_classes
+from vitas.core.config import Config
+from vitas.core.data import check_data_source, num_classes
 from vitas.core.errors import UserError
+from vitas.core.layout import SCALE, run_layout
+from vitas.core.stage import Option, Stage, StageContext
 from vitas.retrain.train import static_args
 from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores
 from vitas.supernet.complexity import arch_cost
@@ -134,27 +136,55 @@ class Scaler:
                 "candidates": [{k: v for k, v in c.items() if k != "stages"} for c in cands]}
 
 
-def scale(cfg: Config, seed_arch: dict, images: Optional[torch.Tensor] = None) -> dict:
-    """Grow `seed_arch` until `proxy.scaling_param_limit`; returns (and writes) the trajectory."""
+def seed_arch(cfg: Config) -> dict:
+    """`scale.seed_arch` read and checked: whole positive sizes, consistent layer lists, a patch
+    that divides the image (UserErrors naming the field)."""
+    if not cfg.scale.seed_arch:
+        raise UserError("scale.seed_arch is not set (pass --seed-arch FILE_OR_JSON)")
     try:
-        seed_arch = check_arch(seed_arch)
+        arch = check_arch(load_arch(cfg.scale.seed_arch, "--seed-arch"))
     except ValueError as exc:
         raise UserError(f"--seed-arch: {exc}") from None
-    out_dir = cfg.stage_dir("scale")
-    path = out_dir / "trajectory.json"
-    limit = cfg.proxy.scaling_param_limit
-    scaler = Scaler(cfg, images)
-    proxy = {k: v for k, v in dataclasses.asdict(cfg.proxy).items() if k != "scaling_seed_arch"}
-    header = {"seed_arch": seed_arch, "param_limit": limit, "proxy": proxy,
-              "space": cfg.space.name, "ratios": list(RATIOS), "stages": STAGES}
-    traj = _resume(path, header)
-    save_config(cfg, out_dir / "config.yaml")
-    if traj is None:
+    if cfg.space.img_size % arch["patch_size"]:
+        raise UserError(f"--seed-arch: patch_size {arch['patch_size']} does not divide "
+                        f"space.img_size {cfg.space.img_size}")
+    return arch
+
+
+def _header(cfg: Config, seed: dict) -> dict:
+    """What a trajectory depends on: seed, limit, proxy options, space, the moves."""
+    return json.loads(json.dumps({"seed_arch": seed, "param_limit": cfg.scale.param_limit,
+                                  "proxy": dataclasses.asdict(cfg.proxy), "space": cfg.space.name,
+                                  "ratios": list(RATIOS), "stages": STAGES}))
+
+
+def check(cfg: Config) -> None:
+    """The seed, the proxy options, the data, and a trajectory this run could not continue."""
+    check_proxy_config(cfg.proxy)
+    check_data_source(cfg.data, holdout=False)
+    header = _header(cfg, seed_arch(cfg))
+    path = run_layout(cfg.output_dir).scale_trajectory
+    if path.is_file():
         try:
-            measured = scaler.measure(seed_arch)
-        except ValueError as exc:  # e.g. a patch size that does not divide the image size
-            raise UserError(f"--seed-arch: {exc}") from None
-        first = {"step": 0, "arch": seed_arch, "stages": seed_stages(seed_arch["depth"]), "choice": None,
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path} is not a trajectory (not JSON); delete it to start over") from None
+        changed = [k for k, v in header.items() if not isinstance(old, dict) or old.get(k) != v]
+        if changed:
+            raise UserError(f"{path} was grown with other settings ({changed[0]} differs); use "
+                            "another output_dir or delete it to start over")
+
+
+def scale(cfg: Config, seed: dict, path: Path, images: Optional[torch.Tensor] = None) -> dict:
+    """Grow `seed` until `scale.param_limit`, continuing the trajectory in `path` (written after
+    every step); returns it."""
+    limit = cfg.scale.param_limit
+    scaler = Scaler(cfg, images)
+    header = _header(cfg, seed)
+    traj = json.loads(path.read_text()) if path.is_file() else None
+    if not traj or not traj.get("steps"):
+        measured = scaler.measure(seed)
+        first = {"step": 0, "arch": seed, "stages": seed_stages(seed["depth"]), "choice": None,
                  **measured}
         traj = dict(header, steps=[first])
         write_json(traj, path)
@@ -169,20 +199,34 @@ def scale(cfg: Config, seed_arch: dict, images: Optional[torch.Tensor] = None) -
     return traj
 
 
-def _resume(path: Path, header: dict) -> Optional[dict]:
-    """The trajectory in `path` when it was written with the same settings, else None."""
-    if not path.is_file():
-        return None
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    same = all(old.get(k) == v for k, v in json.loads(json.dumps(header)).items())
-    return old if same and old.get("steps") else None
+def run(cfg: Config, ctx: StageContext) -> dict:
+    """Stage entry (`vitas scale`, `vitas submit scale`): grow `scale.seed_arch`."""
+    traj = scale(cfg, seed_arch(cfg), run_layout(cfg.output_dir).scale_trajectory)
+    last = traj["steps"][-1]
+    return {"arch": last["arch"], "params": last["params"], "macs": last["macs"],
+            "steps": len(traj["steps"]) - 1, "trajectory": traj["steps"],
+            "output": str(run_layout(cfg.output_dir).scale_trajectory)}
 
 
-def run(cfg: Config) -> dict:
-    """Stage entry point (`vitas scale`, `vitas submit scale`): grow `proxy.scaling_seed_arch`."""
-    if not cfg.proxy.scaling_seed_arch:
-        raise UserError("proxy.scaling_seed_arch is not set (pass --seed-arch FILE_OR_JSON)")
-    return scale(cfg, load_arch(cfg.proxy.scaling_seed_arch, "--seed-arch"))
+def _report(summary: dict) -> list[str]:
+    lines = [f"{'step':>4} {'depth':>5} {'embed':>5} {'params':>12} {'macs':>14} {'L^E':>10} {'kappa':>10}"]
+    for s in summary["trajectory"]:
+        a = s["arch"]
+        lines.append(f"{s['step']:>4} {a['depth']:>5} {a['embed_dim']:>5} {s['params']:>12,} "
+                     f"{s['macs']:>14,} {s['length_distortion']:>10.4g} "
+                     f"{s['ntk_condition'] or float('nan'):>10.4g}")
+    return lines
+
+
+STAGE = Stage(
+    name="scale", folder=SCALE, check=check, run=run, report=_report,
+    options=(Option("--seed-arch", "scale.seed_arch", "seed architecture: arch.json or inline JSON "
+                    "(may lie outside the space); default scale.seed_arch", metavar="FILE_OR_JSON"),),
+    help="grow a seed architecture by L^E and NTK condition (As-ViT Algorithm 2)",
+    description="Training-free auto-scaling: from the seed architecture, each step tries 4 depth "
+    "moves (one more layer in one quarter of the network) x 4 width ratios {1.05, 1.1, 1.15, 1.2} "
+    "and keeps the best rank sum of L^E (descending) and NTK condition (ascending), until "
+    "scale.param_limit parameters. Writes OUTPUT_DIR/scale/trajectory.json (every grown "
+    "architecture with proxies, params, MACs); a rerun continues it. The last line of stdout is "
+    "a JSON object {arch, params, macs, steps, output}.",
+    last_line=("arch", "params", "macs", "steps", "output"))

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-POLICIES = ("left", "bilateral", "cyclic")
+from vitas.core.config import POLICIES
 
 
 class ChannelSet:

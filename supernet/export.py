@@ -23,7 +23,7 @@ from timm.models._hub import save_for_hf
 from vitas.core.checkpoint import usual_permissions
 from vitas.core.errors import UserError
 from vitas.supernet.model import Superformer
-from vitas.supernet.static import StaticViT
+from vitas.supernet.static import TIMM_OPTIONS, StaticViT, full_model_args
 
 # What an export folder holds: only such a folder (or an empty one) may be replaced.
 EXPORT_FILES = frozenset({"config.json", "model.safetensors"})
@@ -36,8 +36,10 @@ def is_uniform(model_args: dict) -> bool:
     """Whether a StaticViT's architecture is a stock timm VisionTransformer."""
     arch = model_args["arch"]
     E, m = arch["embed_dim"], arch["mlp_dim"][0]
+    options = full_model_args(model_args)
     return (
         not model_args["rel_pos"]
+        and all(options[k] == v for k, v in TIMM_OPTIONS.items())  # eps, scale, no distillation
         and len(set(arch["num_heads"])) == 1
         and set(arch["mlp_dim"]) == {m}
         and set(arch["attn_dim"]) == {E}

@@ -18,7 +18,6 @@ from vitas.core.checkpoint import check_space
 from vitas.core.config import SpaceConfig
 from vitas.core.errors import UserError
 
-POLICIES = ("left", "bilateral", "cyclic")
 LAYER_FIELDS = ("num_heads", "attn_dim", "mlp_dim")
 ARCH_FIELDS = ("patch_size", "embed_dim", "depth") + LAYER_FIELDS
 
@@ -97,14 +96,6 @@ class SearchSpace:
             raise UserError("space: set exactly one of 'head_dim' (fixed) and 'attn_dim' (choices)")
         if (c.mlp_ratio is None) == (c.mlp_dim is None):
             raise UserError("space: set exactly one of 'mlp_ratio' and 'mlp_dim'")
-        if c.qk not in ("entangled", "private"):
-            raise UserError(f"space.qk must be 'entangled' or 'private', got {c.qk!r}")
-        if c.pool not in ("cls", "mean"):
-            raise UserError(f"space.pool must be 'cls' or 'mean', got {c.pool!r}")
-        for dim in ("embed", "attn", "mlp"):
-            policy = getattr(c.channels, dim)
-            if policy not in POLICIES:
-                raise UserError(f"space.channels.{dim} must be one of {list(POLICIES)}, got {policy!r}")
         for p in c.patch_size:
             if c.img_size % p:
                 raise UserError(f"space.patch_size {p} does not divide space.img_size {c.img_size}")

@@ -26,20 +26,19 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 from vitas.core import dist
-from vitas.core.checkpoint import write_json
-from vitas.core.config import Config, save_config
-from vitas.core.data import (build_splits, check_mixup_batch, create_loader, create_loss, create_mixup,
-                       num_classes)
-from vitas.core.engine import (Trainer, check_recipe, check_same_across_ranks, configure_determinism,
-                         create_train_loader, derive_seed)
+from vitas.core.checkpoint import load_checkpoint
+from vitas.core.config import Config
+from vitas.core.data import (build_splits, check_data_source, check_mixup_batch, create_loader,
+                             create_loss, create_mixup, num_classes, split_settings)
+from vitas.core.engine import (Trainer, check_recipe, check_resume, check_same_across_ranks,
+                               configure_determinism, create_train_loader, derive_seed)
 from vitas.core.errors import UserError
-from vitas.core.logs import RunLogger, setup_logging
+from vitas.core.layout import SUPERNET, run_layout
+from vitas.core.logs import RunLogger
 from vitas.core.metrics import evaluate_accuracy
+from vitas.core.stage import Stage, StageContext
 from vitas.supernet.model import Superformer
 from vitas.supernet.space import SearchSpace
-
-STAGE = "supernet"
-SAMPLINGS = ("uniform", "autoslim", "bcnet", "sandwich")
 _STEP_STREAM, _VAL_STREAM = 1, 2  # separate seed streams: per-step subnets, validation subnets
 
 log = logging.getLogger("vitas.supernet")
@@ -74,7 +73,7 @@ def step_passes(space: SearchSpace, sampling: str, seed: int, step: int) -> list
         side = "right" if is_bilateral(space) and rng.integers(2) else "left"
         return [Pass("max", space.max_arch()), Pass("min", space.min_arch(), side),
                 Pass("rand", arch, side)]
-    raise UserError(f"supernet.sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    raise ValueError(f"unknown sampling {sampling!r}")  # the config schema admits no other
 
 
 def validation_archs(space: SearchSpace, count: int, seed: int) -> dict[str, dict]:
@@ -85,19 +84,33 @@ def validation_archs(space: SearchSpace, count: int, seed: int) -> dict[str, dic
     return archs
 
 
-def check_section(cfg: Config) -> None:
-    """UserErrors for supernet settings no run can honour, naming the key."""
+def check(cfg: Config) -> None:
+    """Every user error findable before training: settings, space, data, and a last.pth this run
+    could not continue (another space or data split, more epochs than asked)."""
     sec = cfg.supernet
-    if sec.sampling not in SAMPLINGS:
-        raise UserError(f"supernet.sampling must be one of {', '.join(SAMPLINGS)}, got {sec.sampling!r}")
     check_recipe(sec, "supernet")
-    if sec.val_random_archs < 0:
-        raise UserError(f"supernet.val_random_archs must be >= 0, got {sec.val_random_archs}")
     if sec.sampling == "bcnet" and not cfg.space.channels.bilateral:
         raise UserError("supernet.sampling=bcnet needs a bilateral channel policy in space.channels "
                         "(embed, attn or mlp): without one the right pass repeats the left")
     if sec.distill and sec.sampling != "sandwich":
         raise UserError("supernet.distill needs supernet.sampling=sandwich (the max subnet teaches)")
+    space = SearchSpace(cfg.space)
+    check_data_source(cfg.data, holdout=True)
+    path = run_layout(cfg.output_dir).supernet_checkpoint
+    if path.is_file():
+        state = load_checkpoint(path, mmap=True)
+        check_resume(state, sec, path, "supernet")
+        space.check_spec(state.get("space", {}), str(path))
+        _check_split(state, cfg, path)
+
+
+def _check_split(state: dict, cfg: Config, path: Any) -> None:
+    """A superformer continues only on the training images it started with."""
+    saved = state.get("split")
+    if saved is not None and saved != split_settings(cfg.data):
+        changed = next(k for k in saved if saved[k] != split_settings(cfg.data).get(k))
+        raise UserError(f"{path} was trained without the hold-out of {changed}={saved[changed]!r}; "
+                        f"this config has {split_settings(cfg.data).get(changed)!r} (use another output_dir)")
 
 
 def make_train_step(trainer: Trainer, space: SearchSpace, cfg: Config, mixup: Optional[Mixup],
@@ -158,14 +171,12 @@ def _scalars(results: dict[str, dict], prefix: str) -> dict[str, float]:
     return flat
 
 
-def train(cfg: Config, info: dist.DistInfo) -> dict:
+def run(cfg: Config, ctx: StageContext) -> dict:
     """Train the superformer of `cfg` in the current process group; returns the summary."""
-    check_section(cfg)
-    sec = cfg.supernet
+    sec, info, out_dir = cfg.supernet, ctx.dist, ctx.dir
     configure_determinism(sec.seed, sec.deterministic)
     space = SearchSpace(cfg.space)
     n_classes = num_classes(cfg.data)
-    out_dir = cfg.stage_dir(STAGE)
     splits = build_splits(cfg.data, cfg.space.img_size)
     loader = create_train_loader(splits.train, sec.batch_size, sec.seed, workers=cfg.data.workers)
     local_batch = sec.batch_size // info.world_size
@@ -177,15 +188,12 @@ def train(cfg: Config, info: dist.DistInfo) -> dict:
     model = Superformer(space, n_classes, drop_path=sec.drop_path)
     trainer = Trainer(model, sec, loader.batch_sampler.steps_per_epoch, out_dir, info.device,
                       extra_state={"config": cfg.to_dict(), "space": space.spec(),
-                                   "num_classes": n_classes})
-    if trainer.resume(check=lambda state: space.check_spec(state["space"], where=str(trainer.path))):
+                                   "num_classes": n_classes, "split": split_settings(cfg.data)})
+    if trainer.resume():
         log.info("resuming from %s: epoch %d, step %d", trainer.path, trainer.epoch, trainer.global_step)
     else:
         log.info("starting %s: %d epochs of %d steps, %d process(es), sampling %s", out_dir, sec.epochs,
                  trainer.steps_per_epoch, info.world_size, sec.sampling)
-
-    if dist.is_main():
-        save_config(cfg, out_dir / "config.yaml")
     archs = validation_archs(space, sec.val_random_archs, sec.seed)
     sides = ("left", "right") if is_bilateral(space) else ("left",)
     last: dict[str, Any] = {}
@@ -213,20 +221,20 @@ def train(cfg: Config, info: dist.DistInfo) -> dict:
         "epochs": trainer.epoch, "steps": trainer.global_step, "world_size": info.world_size,
         "sampling": sec.sampling, "train_seconds": round(time.perf_counter() - tic, 1),
         "resumed_from": list(trainer.resumed_from) if trainer.resumed_from else None,
+        "output": str(out_dir),
     }
     if "ema" in last:
         summary["ema"] = last["ema"]
-    if dist.is_main():
-        write_json(summary, out_dir / "summary.json")
-    dist.barrier()
     return summary
 
 
-def run(cfg: Config) -> dict:
-    """Entry point for the CLI, torchrun and submitit: join the process group, train, leave."""
-    info = dist.init_distributed()
-    setup_logging()
-    try:
-        return train(cfg, info)
-    finally:
-        dist.cleanup()
+STAGE = Stage(
+    name="train-supernet", folder=SUPERNET, check=check, run=run,
+    help="train the superformer (one process, torchrun or srun)",
+    description="Train the superformer of the config's search space on data.root with "
+    "supernet.sampling (uniform, autoslim, bcnet, sandwich). Writes OUTPUT_DIR/supernet/"
+    "{config.yaml,last.pth,log.jsonl,summary.json} and TensorBoard events; a second run with the "
+    "same OUTPUT_DIR resumes from last.pth. Under torchrun or srun every process runs this same "
+    "command; supernet.batch_size is the global batch. The last line of stdout is a JSON object "
+    "{max_top1, min_top1, epochs, steps, output}.",
+    last_line=("max_top1", "min_top1", "epochs", "steps", "output"))

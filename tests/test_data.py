@@ -124,7 +124,7 @@ def test_build_splits(digits):
     assert (len(splits.train), len(splits.holdout), len(splits.val)) == (1387, 50, 360)
     assert num_classes(cfg) == 10 and num_classes(cfg_for(digits, num_classes=12)) == 12
     # train and val agree on class indices (both from train/'s folders)
-    val_paths = splits.val.reader.samples
+    val_paths = splits.val.samples
     assert all(Path(p).parent.name == str(t) for p, t in val_paths)
     # hold-out images are not augmented: the same tensor every time
     x1, y1 = splits.holdout[3]

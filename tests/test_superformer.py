@@ -14,7 +14,7 @@ from vitas.supernet.layers import ElasticLinear
 from vitas.supernet.model import Superformer
 from vitas.supernet.space import SearchSpace
 
-POLICIES = ("left", "bilateral", "cyclic")
+from vitas.core.config import POLICIES
 
 
 def vitas_space(policy: str = "cyclic") -> SearchSpace:

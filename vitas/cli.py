@@ -1,8 +1,9 @@
 """The `vitas` command: one subcommand per module in `vitas/commands/`.
 
 Each command module defines `register(subparsers)`, which adds its parser and sets `func`
-(called with the parsed namespace; returns an exit code or None). User errors print one line
-`vitas: error: ...` and exit 2; `--debug` shows the traceback instead.
+(called with the parsed namespace; returns an exit code or None). User errors and file-system
+faults (a full disk, a read-only or forbidden path) print one line `vitas: error: ...` and exit 2;
+`--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import importlib
 import pkgutil
 import sys
 
-from vitas.core.errors import UserError
+from vitas.core.errors import UserError, fs_fault, one_line
 import vitas.commands
 
 
@@ -70,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"vitas: error: {exc}", file=sys.stderr)
+        print(f"vitas: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only or forbidden path: the user's to fix
+        message = fs_fault(exc)
+        if message is None or args.debug:
+            raise
+        print(f"vitas: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vitas: interrupted", file=sys.stderr)

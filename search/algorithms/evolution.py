@@ -11,7 +11,8 @@ uninterrupted search and one restarted from `last.pth` therefore take exactly th
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -26,11 +27,11 @@ from pymoo.core.problem import Problem
 from pymoo.core.termination import NoTermination
 from pymoo.problems.static import StaticProblem
 
+from vitas.core.config import SearchConfig
 from vitas.core.errors import UserError
+from vitas.search.algorithms.base import SearchAlgorithm
 from vitas.search.archive import Archive
 from vitas.supernet.space import SearchSpace
-
-ALGORITHMS = ("ga", "nsga2")
 
 
 class SpaceMutation(Mutation):
@@ -84,32 +85,49 @@ def generation_seed(seed: int, generation: int) -> int:
     return int(np.random.SeedSequence([seed, generation]).generate_state(1)[0])
 
 
-class Evolution:
-    """GA or NSGA-II over `archive`'s space, scorer and budget; state is plain values.
+@dataclass(frozen=True)
+class EvolutionSettings:
+    """What shapes an evolutionary search's path (from `search.*`)."""
 
-    `step()` runs one generation; `state()` / `load(state)` make it resumable at any generation.
-    """
+    algorithm: str
+    population: int
+    mutation_prob: float
+    crossover_prob: float
+    seed: int
 
-    def __init__(self, algorithm: str, archive: Archive, population: int, generations: int,
-                 mutation_prob: float, crossover_prob: float, seed: int):
-        if algorithm not in ALGORITHMS:
-            raise UserError(f"search.algorithm for evolution must be one of {list(ALGORITHMS)}, got {algorithm!r}")
-        if population < 2:
-            raise UserError(f"search.population must be at least 2, got {population}")
-        if generations < 0:
-            raise UserError(f"search.generations must be >= 0, got {generations}")
-        for name, p in (("mutation_prob", mutation_prob), ("crossover_prob", crossover_prob)):
-            if not 0.0 <= p <= 1.0:
-                raise UserError(f"search.{name} must be in [0, 1], got {p}")
-        self.algorithm, self.archive, self.space = algorithm, archive, archive.space
-        self.pop_size, self.generations, self.seed = population, generations, seed
-        self.mutation_prob, self.crossover_prob = mutation_prob, crossover_prob
+
+class Evolution(SearchAlgorithm):
+    """GA (`ga`) or NSGA-II (`nsga2`: fitness against the primary cost) over `archive`'s space,
+    scorer and budget; `step()` runs one generation; the state is plain values."""
+
+    name = "evolution"
+
+    def __init__(self, archive: Archive, settings: EvolutionSettings, rounds: int):
+        super().__init__(archive, settings, rounds)
+        for key in ("mutation_prob", "crossover_prob"):
+            if not 0.0 <= getattr(settings, key) <= 1.0:
+                raise UserError(f"search.{key} must be in [0, 1], got {getattr(settings, key)}")
+        self.algorithm, self.pop_size, self.seed = settings.algorithm, settings.population, settings.seed
+        self.mutation_prob, self.crossover_prob = settings.mutation_prob, settings.crossover_prob
         n_constr = len(archive.budget.bounds())
-        self.problem = Problem(n_var=self.space.n_var, n_obj=1 if algorithm == "ga" else 2,
+        self.problem = Problem(n_var=self.space.n_var, n_obj=1 if self.algorithm == "ga" else 2,
                                n_ieq_constr=n_constr, xl=self.space.xl, xu=self.space.xu, vtype=int)
         self.generation = 0
         self.population: Optional[np.ndarray] = None
         self.converged = False
+
+    @staticmethod
+    def settings_from(search_cfg: SearchConfig) -> EvolutionSettings:
+        return EvolutionSettings(search_cfg.algorithm, search_cfg.population,
+                                 search_cfg.mutation_prob, search_cfg.crossover_prob, search_cfg.seed)
+
+    @staticmethod
+    def rounds_from(search_cfg: SearchConfig) -> int:
+        return search_cfg.generations
+
+    @property
+    def position(self) -> int:
+        return self.generation
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -127,7 +145,7 @@ class Evolution:
     @property
     def done(self) -> bool:
         """All generations run (or no new offspring could be bred)."""
-        return self.converged or (self.population is not None and self.generation >= self.generations)
+        return self.converged or self.generation >= self.rounds
 
     # ------------------------------------------------------------------ pymoo glue
     def _objectives(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -163,13 +181,13 @@ class Evolution:
         return [self.space.key(self.space.decode(x)) for x in X]
 
     # ------------------------------------------------------------------ search
-    def initialize(self, sample: Callable[[np.random.Generator], dict]) -> None:
-        """Generation 0: `population` distinct architectures from `sample(rng)` (e.g. the space's
-        in-budget sampler), scored."""
+    def start(self) -> None:
+        """Generation 0: `population` distinct architectures drawn uniformly inside the budget,
+        scored."""
         rng = np.random.default_rng(generation_seed(self.seed, 0))
         archs: dict[str, dict] = {}
         for _ in range(100 * self.pop_size):
-            arch = sample(rng)
+            arch = self.archive.sample_in_budget(rng)
             archs.setdefault(self.space.key(arch), arch)
             if len(archs) == self.pop_size:
                 break
@@ -178,8 +196,15 @@ class Evolution:
         self.archive.evaluate(list(archs.values()), found=0)
         self.population = np.stack([self.space.encode(a) for a in archs.values()])
 
-    def step(self) -> int:
-        """Breed, score and select one generation; returns the number of new offspring."""
+    def step(self) -> dict[str, float]:
+        """Breed, score and select one generation; returns the generation's log scalars."""
+        bred = self._breed()
+        best = self.archive.best()
+        return {"offspring": bred, "archs": len(self.archive),
+                "feasible": sum(r["feasible"] for r in self.archive.records),
+                "best_fitness": float(self.archive.fitness([best["key"]])[0]) if best else float("nan")}
+
+    def _breed(self) -> int:
         algo = self._build()
         pop = algo.ask()
         self._evaluate(pop, self._keys(pop.get("X")))

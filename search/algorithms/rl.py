@@ -10,32 +10,46 @@ tensors and values, so a restarted search continues to exactly the same result.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
+from vitas.core.config import SearchConfig
 from vitas.core.errors import UserError
+from vitas.search.algorithms.base import SearchAlgorithm
 from vitas.search.archive import Archive
 
 INVALID_REWARD = -1.0  # a sampled architecture the scorer marks invalid: as bad as a full-range drop
 
 
-class Reinforce:
+@dataclass(frozen=True)
+class ReinforceSettings:
+    """What shapes an RL search's path (from `search.*`)."""
+
+    lr: float
+    momentum: float
+    window: int
+    seed: int
+
+
+class Reinforce(SearchAlgorithm):
     """As-ViT's policy-gradient search over `archive`'s space; `step()` runs one policy update."""
 
-    def __init__(self, archive: Archive, steps: int, lr: float, momentum: float, window: int,
-                 seed: int, max_tries: int = 1000):
-        if steps < 1:
-            raise UserError(f"search.steps must be >= 1, got {steps}")
-        if window < 2:
-            raise UserError(f"search.rl_window must be >= 2, got {window}")
-        if not 0.0 <= momentum < 1.0:
-            raise UserError(f"search.rl_baseline_momentum must be in [0, 1), got {momentum}")
+    name = "rl"
+    round_name = "step"
+
+    def __init__(self, archive: Archive, settings: ReinforceSettings, rounds: int, max_tries: int = 1000):
+        super().__init__(archive, settings, rounds)
+        if not 0.0 <= settings.momentum < 1.0:
+            raise UserError(f"search.rl_baseline_momentum must be in [0, 1), got {settings.momentum}")
+        if not settings.lr > 0:
+            raise UserError(f"search.rl_lr must be > 0, got {settings.lr}")
         if not archive.scorer.reward_terms:
             raise UserError(f"scorer '{archive.scorer.name}' defines no reward terms for RL")
-        self.archive, self.space = archive, archive.space
-        self.steps, self.momentum, self.window, self.max_tries = steps, momentum, window, max_tries
+        lr, seed = settings.lr, settings.seed
+        self.momentum, self.window, self.max_tries = settings.momentum, settings.window, max_tries
         init = torch.Generator().manual_seed(seed)
         sizes = (self.space.xu - self.space.xl + 1).tolist()
         self.logits = [torch.nn.Parameter(1e-3 * torch.randn(n, generator=init, dtype=torch.float64))
@@ -68,10 +82,18 @@ class Reinforce:
         self.trace = [dict(t) for t in state["trace"]]
         self.archive.load(state["archive"])
 
+    @staticmethod
+    def settings_from(search_cfg: SearchConfig) -> ReinforceSettings:
+        return ReinforceSettings(search_cfg.rl_lr, search_cfg.rl_baseline_momentum,
+                                 search_cfg.rl_window, search_cfg.seed)
+
+    @staticmethod
+    def rounds_from(search_cfg: SearchConfig) -> int:
+        return search_cfg.steps
+
     @property
-    def done(self) -> bool:
-        """All steps taken."""
-        return self.step_count >= self.steps
+    def position(self) -> int:
+        return self.step_count
 
     # ------------------------------------------------------------------ policy
     def _sample(self) -> tuple[np.ndarray, dict]:
@@ -106,8 +128,8 @@ class Reinforce:
         with torch.no_grad():
             return float(sum(-(torch.softmax(p, 0) * torch.log_softmax(p, 0)).sum() for p in self.logits))
 
-    def step(self) -> dict:
-        """Sample, score, reward and update once; returns the step's trace entry."""
+    def step(self) -> dict[str, float]:
+        """Sample, score, reward and update once; returns the step's log scalars."""
         x, arch = self._sample()
         record = self.archive.evaluate([arch], found=self.step_count)[0]
         reward = self._reward(record)
@@ -124,8 +146,17 @@ class Reinforce:
         entry = {"step": self.step_count, "key": record["key"], "reward": reward,
                  "baseline": self.baseline, "entropy": self.entropy()}
         self.trace.append(entry)
-        return entry
+        return {k: entry[k] for k in ("reward", "baseline", "entropy")} | {"archs": len(self.archive)}
 
     def argmax_arch(self) -> dict:
         """The policy's most probable choice per position, decoded to a canonical architecture."""
         return self.space.decode(np.array([int(torch.argmax(p.detach())) for p in self.logits]))
+
+    def choose(self) -> tuple[Optional[dict], dict]:
+        """As-ViT's answer, the policy's argmax, when it is valid and inside the budget; else the
+        best feasible architecture seen (result.json's `rl.argmax_chosen` says which)."""
+        argmax = self.archive.evaluate([self.argmax_arch()], found=self.step_count)[0]
+        chosen = self.archive.scored(argmax)
+        extra = {"rl": {"argmax": argmax, "argmax_chosen": chosen, "final_entropy": self.entropy(),
+                        "trace": self.trace}}
+        return (argmax if chosen else self.archive.best()), extra

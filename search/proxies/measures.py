@@ -5,8 +5,10 @@ network (u0, u1 orthonormal in R^N, N = C x H x W) at `proxy.thetas` angles in [
 velocity v = dN/dtheta and acceleration a = dv/dtheta: L^E = sum_theta ||v||, curvature =
 mean_theta sqrt(|v|^2 |a|^2 - (v.a)^2) / |v|^3, both averaged over `proxy.inits` initialisations.
 The NTK condition number is lambda_max / lambda_min of Theta = G G^T, G the per-sample gradients of
-the summed logits w.r.t. the weights (parameters named `*weight`, as As-ViT's code), eigenvalues
-in float64. See docs/PROXIES.md for the options and their defaults.
+the summed output (`proxy.ntk_output`: As-ViT's pooled features before the final norm, or the
+logits) w.r.t. the weights (parameters named `*weight`, as As-ViT's code), eigenvalues in float64,
+averaged over the initialisations as As-ViT (`proxy.ntk_average`). See docs/PROXIES.md for the
+options and their defaults; the other proxy families are in the sibling modules (`zoo`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from vitas.supernet.space import space_from_config
 
 FIELDS = ("length_distortion", "ntk_condition", "curvature")
 CHOICES = {"radius": ("unit", "sqrt_n"), "output": ("features", "logits"), "norm": ("identity", "keep"),
-           "velocity": ("fd", "jvp", "reverse"), "ntk_method": ("vmap", "loop")}
+           "velocity": ("fd", "jvp", "reverse"), "ntk_method": ("vmap", "loop"),
+           "ntk_output": ("features", "logits")}
 # Central-difference step in theta (radians) per precision: in float32 the step balances the
 # truncation error (~h^2/6) against rounding (outputs are ~100x their change at r = 1).
 FD_STEPS = {torch.float32: 3e-2, torch.float64: 1e-3}
@@ -268,6 +271,21 @@ def ntk_spectrum(model: nn.Module, images: torch.Tensor, method: str = "vmap") -
     return torch.linalg.eigvalsh(theta.cpu())
 
 
+def ntk_condition(model: nn.Module, images: torch.Tensor, cfg: ProxyConfig) -> Optional[float]:
+    """kappa of `model` as it is, differentiating its `proxy.ntk_output`: `features` (As-ViT's
+    `forward_features`: the pooled features before the final norm; other norms kept) or `logits`."""
+    with proxy_output(model, cfg.ntk_output, "keep") as net:
+        return condition_number(ntk_spectrum(net, images, cfg.ntk_method))
+
+
+def finite_mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    """Mean of `values`, or None when any is None or not finite (an invalid init is never averaged in)."""
+    if not values or any(v is None or not math.isfinite(v) for v in values):
+        return None
+    mean = sum(values) / len(values)
+    return mean if math.isfinite(mean) else None
+
+
 def condition_number(eigenvalues: torch.Tensor) -> Optional[float]:
     """lambda_max / lambda_min, or None when it is not finite or lambda_min <= 0 (invalid)."""
     lo, hi = float(eigenvalues[0]), float(eigenvalues[-1])
@@ -278,15 +296,23 @@ def condition_number(eigenvalues: torch.Tensor) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------- scores
-def ntk_batch(cfg: Config, device: torch.device | str = "cpu") -> torch.Tensor:
-    """`proxy.ntk_images` real training images of `data.root` (eval transform, no augmentation),
-    drawn with `proxy.seed` from train/ outside the hold-out split."""
+def proxy_batch(cfg: Config, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels): `proxy.ntk_images` real training images of `data.root` (eval transform,
+    no augmentation) and their classes, drawn with `proxy.seed` from train/ outside the hold-out
+    split. Every proxy of every architecture uses this one batch (the loss-based ones the labels)."""
     dataset = build_dataset(cfg.data, "train", cfg.space.img_size, is_training=False)
     train, _ = split_train_holdout(dataset, cfg.data.holdout_per_class, cfg.data.split_seed)
     if len(train) < cfg.proxy.ntk_images:
         raise UserError(f"proxy.ntk_images={cfg.proxy.ntk_images} but data.root has {len(train)} training images")
     picks = np.random.default_rng(cfg.proxy.seed).choice(train, cfg.proxy.ntk_images, replace=False)
-    return torch.stack([dataset[int(i)][0] for i in sorted(picks)]).to(device)
+    items = [dataset[int(i)] for i in sorted(picks)]
+    images = torch.stack([x for x, _ in items]).to(device)
+    return images, torch.tensor([int(y) for _, y in items], device=device)
+
+
+def ntk_batch(cfg: Config, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The images of `proxy_batch` (the NTK and L^E need no labels)."""
+    return proxy_batch(cfg, device)[0]
 
 
 def proxy_superformer(cfg: Config, device: torch.device | str = "cpu") -> Superformer:
@@ -321,9 +347,10 @@ def proxy_scores_many(model: nn.Module, archs: Sequence[Optional[dict]], images:
     """Proxies of each arch of a Superformer (see `initialised`), or of `model` itself for `None`.
 
     Init k uses seed `proxy.seed + k` for the weights and the circle; L^E runs on the activated
-    superformer, the NTK on init 0 extracted as a StaticViT. Each
-    record: {"length_distortion", "ntk_condition", "curvature", "valid"}; a value that is not
-    finite (or kappa with lambda_min <= 0) is None and makes the record invalid; curvature is None
+    superformer, the NTK on the arch extracted as a StaticViT, at every init (`proxy.ntk_average`,
+    As-ViT) or the first. Each record: {"length_distortion", "ntk_condition", "curvature",
+    "valid"}; a value that is not finite (or kappa with lambda_min <= 0 at any init) is None and
+    makes the record invalid: an invalid init is never averaged in as a number. Curvature is None
     unless asked.
     """
     check_proxy_config(cfg)
@@ -331,15 +358,15 @@ def proxy_scores_many(model: nn.Module, archs: Sequence[Optional[dict]], images:
         raise UserError(f"the NTK needs at least 2 images, got {len(images)}")
     records = []
     for arch in archs:
-        lengths, curvs, kappa = [], [], None
+        lengths, curvs, kappas = [], [], []
         for k in range(cfg.inits):
             net = initialised(model, arch, cfg.seed + k)
-            if k == 0:
-                kappa = condition_number(ntk_spectrum(extracted(net, arch), images, cfg.ntk_method))
+            if k == 0 or cfg.ntk_average:
+                kappas.append(ntk_condition(extracted(net, arch), images, cfg))
             length, curv = length_distortion(net, images.shape[1:], cfg.seed + k, cfg, curvature)
             lengths.append(length)
             curvs.append(curv)
-        rec = {"length_distortion": sum(lengths) / len(lengths), "ntk_condition": kappa,
+        rec = {"length_distortion": sum(lengths) / len(lengths), "ntk_condition": finite_mean(kappas),
                "curvature": sum(curvs) / len(curvs) if curvature else None}
         for key in FIELDS:
             if rec[key] is not None and not math.isfinite(rec[key]):

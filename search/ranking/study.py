@@ -1,10 +1,10 @@
 """Proxy versus supernet ranking study (As-ViT Table 2 / Figure 2 for this project's spaces).
 
-`proxy.rank_archs` architectures are sampled evenly across the MACs range (`search.macs_min/max`,
+`rank.archs` architectures are sampled evenly across the MACs range (`search.macs_min/max`,
 else the space's): the range is cut into that many equal bins and one architecture is drawn in
 each (`space.sample_in_range`; a bin nobody falls into is drawn from the whole range). For each:
 L^E, NTK condition, curvature, params, MACs, the inherited hold-out top-1 with weights of the
-superformer checkpoint (when there is one) and, with `proxy.ground_truth_epochs` E > 0 (or
+superformer checkpoint (when there is one) and, with `rank.ground_truth_epochs` E > 0 (or
 `--ground-truth-epochs`), val top-1 after training from scratch for E epochs
 (`retrain.train.train_arch`, in sequence in this process, or one Slurm array task per
 architecture when launch.executor resolves to Slurm). Writes `<output_dir>/rank/ranking.csv`,
@@ -13,6 +13,7 @@ architecture when launch.executor resolves to Slurm). Writes `<output_dir>/rank/
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -25,20 +26,24 @@ import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
 from vitas.core.checkpoint import atomic_write, write_json
-from vitas.core.config import Config, save_config
-from vitas.core.data import num_classes
+from vitas.core.config import Config
+from vitas.core.data import check_data_source, num_classes
+from vitas.core.engine import check_recipe
 from vitas.core.errors import UserError
 from vitas.core.launch import resolve_executor, submit_array, wait_result
+from vitas.core.layout import RANK, run_layout
+from vitas.core.lock import StageLock
 from vitas.core.logs import progress
+from vitas.core.stage import Option, Stage, StageContext
 from vitas.retrain.train import train_arch
-from vitas.search.scoring.accuracy import AccuracyScorer, checkpoint_path
 from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
+from vitas.search.scoring.accuracy import AccuracyScorer
+from vitas.supernet.checkpoint import superformer_path
 from vitas.supernet.complexity import arch_cost
 from vitas.supernet.space import SearchSpace, space_from_config
 
 log = logging.getLogger("vitas.rank")
 
-STAGE = "rank"
 PROXY_COLUMNS = ("length_distortion", "ntk_condition", "curvature")
 COST_COLUMNS = ("params", "macs")
 ACCURACY_COLUMNS = ("inherited_top1", "trained_top1")
@@ -79,16 +84,19 @@ def sample_archs(space: SearchSpace, cfg: Config, n: int) -> list[dict]:
 
 
 def train_one(cfg: Config, item: tuple[int, dict, int]) -> float:
-    """Array-job entry: val top-1 of architecture `item` = (index, arch, epochs) trained from scratch."""
+    """Array-job entry: val top-1 of architecture `item` = (index, arch, epochs) trained from
+    scratch into its own folder (locked: two tasks never train into one)."""
     index, arch, epochs = item
-    return float(train_arch(cfg, arch, cfg.stage_dir(STAGE) / "ground_truth" / f"arch{index:03d}", epochs)["top1"])
+    folder = run_layout(cfg.output_dir).rank_ground_truth / f"arch{index:03d}"
+    with StageLock(folder, "ground-truth training"):
+        return float(train_arch(cfg, arch, folder, epochs)["top1"])
 
 
 def ground_truth(cfg: Config, archs: list[dict], epochs: int) -> list[float]:
     """Val top-1 of each arch after `epochs` epochs from scratch (Slurm array, else in sequence)."""
     items = [(i, a, epochs) for i, a in enumerate(archs)]
     if resolve_executor(cfg.launch) == "slurm":
-        jobs = submit_array(cfg, "vitas.search.ranking.study:train_one", items, stage=STAGE)
+        jobs = submit_array(cfg, "vitas.search.ranking.study:train_one", items, stage=RANK)
         return [float(wait_result(job)) for job in jobs]
     return [train_one(cfg, item) for item in progress(items, desc=f"ground truth ({epochs} epochs)")]
 
@@ -156,20 +164,27 @@ def plot(rows: list[dict], columns: list[str], corr: list[dict], out_dir: Path) 
     return paths
 
 
-def rank(cfg: Config, ground_truth_epochs: Optional[int] = None) -> dict:
-    """Run the ranking study; returns {"rows", "columns", "correlations", "plots", "output"}."""
+def check(cfg: Config) -> None:
+    """Every user error findable before the study runs: proxy options, data, a MACs range with
+    architectures, the superformer (when there is one) and, with ground truth, the recipe."""
     check_proxy_config(cfg.proxy)
-    epochs = cfg.proxy.ground_truth_epochs if ground_truth_epochs is None else ground_truth_epochs
-    if epochs < 0:
-        raise UserError(f"ground-truth epochs must be >= 0, got {epochs}")
-    if cfg.proxy.rank_archs < 2:
-        raise UserError(f"proxy.rank_archs must be >= 2, got {cfg.proxy.rank_archs}")
-    out_dir = cfg.stage_dir(STAGE)
+    check_data_source(cfg.data, holdout=_has_checkpoint(cfg))
+    space = space_from_config(cfg)
+    sample_archs(space, cfg, cfg.rank.archs)
+    if _has_checkpoint(cfg):
+        AccuracyScorer(cfg).check()
+    if cfg.rank.ground_truth_epochs > 0:
+        check_recipe(dataclasses.replace(cfg.retrain, epochs=cfg.rank.ground_truth_epochs), "retrain")
+
+
+def rank(cfg: Config, out_dir: Path) -> dict:
+    """Run the ranking study into `out_dir`; returns {"rows", "columns", "correlations",
+    "plots", "output"}."""
+    epochs = cfg.rank.ground_truth_epochs
     space = space_from_config(cfg)
     classes = num_classes(cfg.data)
-    archs = sample_archs(space, cfg, cfg.proxy.rank_archs)
-    model, images = proxy_superformer(cfg), ntk_batch(cfg)  # checks data.root before writing
-    save_config(cfg, out_dir / "config.yaml")
+    archs = sample_archs(space, cfg, cfg.rank.archs)
+    model, images = proxy_superformer(cfg), ntk_batch(cfg)
     log.info("ranking %d architectures", len(archs))
 
     rows = []
@@ -183,16 +198,18 @@ def rank(cfg: Config, ground_truth_epochs: Optional[int] = None) -> dict:
             row["inherited_top1"] = acc["top1"]
         columns.append("inherited_top1")
     else:
-        log.warning("no superformer checkpoint at %s: inherited accuracy left out", cfg.stage_dir("supernet"))
+        log.warning("no superformer checkpoint (supernet.checkpoint or %s): inherited accuracy left out",
+                    run_layout(cfg.output_dir).supernet_checkpoint)
     if epochs > 0:
         for row, top1 in zip(rows, ground_truth(cfg, archs, epochs)):
             row["trained_top1"] = top1
         columns.append("trained_top1")
 
     corr = correlations(rows, columns)
-    _write_csv(rows, columns, out_dir / "ranking.csv")
+    layout = run_layout(cfg.output_dir)
+    _write_csv(rows, columns, layout.rank_table)
     write_json({"archs": len(rows), "ground_truth_epochs": epochs, "columns": columns,
-                "correlations": corr}, out_dir / "correlations.json")
+                "correlations": corr}, layout.rank_correlations)
     plots = plot(rows, columns, corr, out_dir)
     return {"rows": rows, "columns": columns, "correlations": corr, "plots": [str(p) for p in plots],
             "output": str(out_dir)}
@@ -200,7 +217,7 @@ def rank(cfg: Config, ground_truth_epochs: Optional[int] = None) -> dict:
 
 def _has_checkpoint(cfg: Config) -> bool:
     try:
-        checkpoint_path(cfg)
+        superformer_path(cfg)
     except UserError:
         return False
     return True
@@ -216,7 +233,26 @@ def _write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()), mode="w")
 
 
-def run(cfg: Config) -> dict:
-    """Submitit entry point (`vitas submit rank`): the study with `proxy.ground_truth_epochs`."""
-    result = rank(cfg)
-    return {k: result[k] for k in ("columns", "correlations", "plots", "output")}
+def run(cfg: Config, ctx: StageContext) -> dict:
+    """Stage entry (`vitas rank`, `vitas submit rank`): the study with `rank.ground_truth_epochs`."""
+    result = rank(cfg, ctx.dir)
+    return {"archs": len(result["rows"]), **{k: result[k] for k in ("columns", "correlations", "plots", "output")}}
+
+
+def _report(summary: dict) -> list[str]:
+    return [correlation_table(summary["correlations"]), f"outputs in {summary['output']}"]
+
+
+STAGE = Stage(
+    name="rank", folder=RANK, check=check, run=run, report=_report,
+    options=(Option("--ground-truth-epochs", "rank.ground_truth_epochs", "train every architecture "
+                    "from scratch for E epochs (default rank.ground_truth_epochs; 0: no training)",
+                    metavar="E"),),
+    help="correlate proxies, cost, inherited and trained accuracy over sampled archs",
+    description="Sample rank.archs architectures evenly across the MACs range, compute L^E, NTK "
+    "condition, curvature, params, MACs, inherited hold-out top-1 (from the superformer "
+    "checkpoint when there is one) and, with E > 0 ground-truth epochs, val top-1 after training "
+    "each from scratch. Writes OUTPUT_DIR/rank/{ranking.csv,correlations.json,*.png} and prints "
+    "Kendall tau / Spearman rho of every pair of columns; the last line of stdout is a JSON "
+    "object {archs, columns, correlations, output}.",
+    last_line=("archs", "columns", "correlations", "output"))

@@ -1,56 +1,33 @@
 """Inherited accuracy: top-1 of the superformer with an architecture active, on the hold-out split.
 
-Weights come from the trained superformer (`search.checkpoint`, default
-`<output_dir>/supernet/last.pth`; its EMA weights when it has them). Images are the hold-out split
-taken from `train/` (`data.holdout_per_class` per class), never `val/`. Each rank holds its own
-unpadded shard of them in memory as one tensor, decoded once, and the correct counts are summed
-over ranks, so the result equals a single process's. The superformer has no BatchNorm, so a
-subnet needs no recalibration. With a `bilateral` channel policy
-the left and right passes are scored and their accuracies averaged.
+The superformer comes from the one reader `vitas.supernet.checkpoint` (`supernet.checkpoint`,
+default `<output_dir>/supernet/last.pth`, with the `supernet.weights` policy), the very weights
+`retrain.init=supernet` starts from. Images are the hold-out split taken from `train/`
+(`data.holdout_per_class` per class), never `val/`, and must be the hold-out the superformer was
+trained without (recorded in its checkpoint). Each rank holds its own unpadded shard of them in
+memory as one tensor, decoded once, and the correct counts are summed over ranks, so the result
+equals a single process's. The superformer has no BatchNorm, so a subnet needs no
+recalibration. With a `bilateral` channel policy the left and right passes are scored and their
+accuracies averaged.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch.utils.data import Subset
 
-from vitas.core.checkpoint import load_checkpoint
 from vitas.core.config import Config
-from vitas.core.data import build_dataset, create_loader, num_classes, split_train_holdout
+from vitas.core.data import (build_dataset, check_data_source, create_loader, num_classes,
+                             split_settings, split_train_holdout, transform_settings)
 from vitas.core.errors import UserError
 from vitas.core.metrics import evaluate_accuracy
-from vitas.search.scoring.base import Scorer, split_settings
+from vitas.search.scoring.base import Scorer
+from vitas.supernet.checkpoint import inspect_superformer, read_superformer
 from vitas.supernet.model import Superformer
-from vitas.supernet.space import SearchSpace, space_from_config
+from vitas.supernet.space import space_from_config
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def checkpoint_path(cfg: Config) -> Path:
-    """`search.checkpoint`, or the supernet stage's `<output_dir>/supernet/last.pth`."""
-    path = Path(cfg.search.checkpoint).expanduser() if cfg.search.checkpoint else cfg.stage_dir("supernet") / "last.pth"
-    if not path.is_file():
-        key = "search.checkpoint" if cfg.search.checkpoint else "output_dir"
-        raise UserError(f"{key}: superformer checkpoint not found: {path} (train one with `vitas train-supernet`)")
-    return path
-
-
-def load_superformer(cfg: Config, space: SearchSpace, device: torch.device | str = "cpu") -> Superformer:
-    """The trained superformer in eval mode (EMA weights if the checkpoint has them)."""
-    path = checkpoint_path(cfg)
-    ckpt = load_checkpoint(path)
-    if "space" not in ckpt or "model" not in ckpt:
-        raise UserError(f"{path} is not a superformer checkpoint (no 'space'/'model' entries)")
-    space.check_spec(ckpt["space"], str(path))
-    model = Superformer(space, num_classes(cfg.data))
-    state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(f"{path} does not fit this superformer: {str(exc).splitlines()[1].strip()}") from None
-    return model.to(device).eval()
 
 
 def sides(cfg: Config) -> tuple[str, ...]:
@@ -108,20 +85,33 @@ class AccuracyScorer(Scorer):
         self._model: Optional[Superformer] = None
         self._batches: Batches = []
 
+    def check(self) -> None:
+        """The superformer file (entries, space, classes, weights policy) and a hold-out split
+        that has images and is the one the superformer was trained without."""
+        cfg = self.cfg
+        if cfg.data.holdout_per_class < 1:
+            raise UserError("data.holdout_per_class is 0: the accuracy scorer needs a hold-out split "
+                            "(images per class taken from train/) to score architectures on")
+        check_data_source(cfg.data, holdout=True)
+        info = inspect_superformer(cfg, self.space, num_classes(cfg.data))
+        mine = split_settings(cfg.data)
+        if info.split is not None and info.split != mine:
+            key = next(k for k in mine if info.split.get(k) != mine[k])
+            raise UserError(f"{info.path} was trained with {key}={info.split.get(key)!r} but this "
+                            f"search has {mine[key]!r}: part of its hold-out would be images the "
+                            f"superformer trained on; set {key}={info.split.get(key)!r}")
+
     def settings(self) -> dict[str, Any]:
-        """Which superformer (path and training progress), hold-out split and passes."""
-        path = checkpoint_path(self.cfg)
-        ckpt = load_checkpoint(path, mmap=True)
-        return {"search.checkpoint": str(path.absolute()),
-                "checkpoint.progress": [ckpt.get("epoch"), ckpt.get("step")],
-                **split_settings(self.cfg.data), "passes": list(self.passes)}
+        """The superformer's identity and weights, the hold-out split, its transform, the passes."""
+        info = inspect_superformer(self.cfg, self.space)
+        return {**info.identity(), **split_settings(self.cfg.data),
+                "transform": transform_settings(self.cfg.data, self.cfg.space.img_size, False),
+                "data.broken_images": self.cfg.data.broken_images, "passes": list(self.passes)}
 
     def setup(self) -> None:
         """Load the superformer and this rank's hold-out shard (idempotent)."""
         if self._model is None:
-            if self.cfg.search.batch_size < 1:
-                raise UserError(f"search.batch_size must be >= 1, got {self.cfg.search.batch_size}")
-            self._model = load_superformer(self.cfg, self.space, self.device)
+            self._model, _ = read_superformer(self.cfg, self.space, num_classes(self.cfg.data), self.device)
             self._batches = holdout_batches(self.cfg, self.cfg.search.batch_size, self.device)
 
     def compute(self, archs: list[dict]) -> list[dict]:

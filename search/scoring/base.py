@@ -9,29 +9,23 @@ A concrete scorer subclasses `Scorer`, is built as `Cls(cfg)` from the whole con
 `super().__init__(space_from_config(cfg))`), and implements `compute(archs)`: every rank calls it
 with the same list, and rank 0's results are broadcast, so all ranks follow the same search.
 Records handed to `fitness` are flat dicts holding at least the scorer's metrics (the search adds
-`arch`, `macs`, `params`, ...); only feasible, scored records are passed. Scorers are resolved by
-name (`SCORERS`), so that this interface module imports none of them: `accuracy` (inherited
-top-1, `search.evaluate.AccuracyScorer`) and `proxy` (training-free,
-`search.proxy_scorer.ProxyScorer`).
+`arch`, `macs`, `params`, ...); only feasible, scored records are passed. The scorers by name are
+in `vitas.search.scoring` (`accuracy`: inherited top-1; `proxy`: training-free).
+
+`settings()` is what the numbers depend on, derived from the resolved inputs the scorer consumes
+(the data transform and split, the superformer's identity, the proxy options), so a resumed search
+under other values is refused rather than ranking incomparable scores together.
 """
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
 
-from vitas.core.config import DataConfig
 from vitas.core.dist import broadcast_object
 from vitas.core.errors import UserError
 from vitas.supernet.space import SearchSpace
-
-SCORERS = {
-    "accuracy": "vitas.search.scoring.accuracy:AccuracyScorer",
-    "proxy": "vitas.search.scoring.proxy:ProxyScorer",
-}
 
 
 def is_valid(record: dict) -> bool:
@@ -86,12 +80,6 @@ def rank_sum(records: Sequence[dict], terms: Sequence[tuple[str, float]],
     return worst_for_invalid(values, records)
 
 
-def split_settings(data_cfg: DataConfig) -> dict[str, Any]:
-    """Which images the train/hold-out split puts where: scores computed on them depend on it."""
-    return {"data.root": str(Path(data_cfg.root).absolute()),
-            "data.holdout_per_class": data_cfg.holdout_per_class, "data.split_seed": data_cfg.split_seed}
-
-
 class Scorer:
     """Base scorer: subclasses set `name`, `fields`, `reward_terms` and implement `compute`.
 
@@ -129,6 +117,9 @@ class Scorer:
                 self.cache[key] = _plain(metrics)
         return [dict(self.cache[k]) for k in keys]
 
+    def check(self) -> None:
+        """Raise every user error findable before scoring (inputs, files); nothing is loaded."""
+
     def settings(self) -> dict[str, Any]:
         """The settings this scorer's numbers depend on, by dotted key: a search resumed under
         other values would rank incomparable scores together, so the runner refuses it."""
@@ -155,14 +146,3 @@ def _plain(metrics: dict) -> dict:
     return out
 
 
-def scorer_class(name: str) -> Any:
-    """The class registered as search.scorer `name` (imported on first use)."""
-    if name not in SCORERS:
-        raise UserError(f"search.scorer must be one of {sorted(SCORERS)}, got {name!r}")
-    module, _, attr = SCORERS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def create_scorer(cfg: Any) -> Scorer:
-    """The scorer that `cfg.search.scorer` names, built from the whole config."""
-    return scorer_class(cfg.search.scorer)(cfg)

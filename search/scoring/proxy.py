@@ -1,8 +1,8 @@
 """`search.scorer: proxy`: As-ViT's training-free scores (length distortion up, NTK condition down).
 
 Each architecture is a subnet of a fresh superformer, re-initialised per seed (`search.proxies`).
-Fitness over a set of records is `search.proxy_combine`: `rank_sum` (As-ViT Algorithm 2: rank by
-L^E descending plus rank by kappa ascending, weighted by `search.proxy_weights`, negated so that
+Fitness over a set of records is `proxy.combine`: `rank_sum` (As-ViT Algorithm 2: rank by
+L^E descending plus rank by kappa ascending, weighted by `proxy.weights`, negated so that
 higher is better) or `weighted` (w1 log L^E - w2 log kappa). RL rewards the range-normalised
 deltas of L^E minus those of kappa, As-ViT Algorithm 1.
 """
@@ -13,16 +13,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+import dataclasses
+
 from vitas.core.config import Config
+from vitas.core.data import check_data_source, split_settings, transform_settings
 from vitas.core.errors import UserError
 from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
-from vitas.search.scoring.base import Scorer, rank_sum, split_settings, valid_mask, worst_for_invalid
+from vitas.search.scoring.base import Scorer, rank_sum, valid_mask, worst_for_invalid
 from vitas.supernet.model import Superformer
 from vitas.supernet.space import space_from_config
 
-COMBINES = ("rank_sum", "weighted")
-# proxy.* options that change the numbers (ntk_method only changes how they are computed).
-SCORE_KEYS = ("radius", "output", "norm", "thetas", "inits", "ntk_images", "velocity", "seed")
+# proxy.* options that only change how the numbers are computed, not the numbers.
+HOW_KEYS = ("ntk_method",)
 
 
 class ProxyScorer(Scorer):
@@ -34,21 +36,26 @@ class ProxyScorer(Scorer):
 
     def __init__(self, cfg: Config, device: Optional[torch.device | str] = None):
         super().__init__(space_from_config(cfg))
-        check_proxy_config(cfg.proxy)
-        if cfg.search.proxy_combine not in COMBINES:
-            raise UserError(f"search.proxy_combine must be one of {list(COMBINES)}, got {cfg.search.proxy_combine!r}")
-        if len(cfg.search.proxy_weights) != 2:
-            raise UserError(f"search.proxy_weights needs 2 weights (length_distortion, ntk_condition), "
-                            f"got {cfg.search.proxy_weights}")
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._model: Optional[Superformer] = None
         self._images: Optional[torch.Tensor] = None
 
+    def check(self) -> None:
+        """Proxy options, their weights, and the data the NTK images come from."""
+        check_proxy_config(self.cfg.proxy)
+        if len(self.cfg.proxy.weights) != 2:
+            raise UserError(f"proxy.weights needs 2 weights (length_distortion, ntk_condition), "
+                            f"got {self.cfg.proxy.weights}")
+        check_data_source(self.cfg.data, holdout=False)
+
     def settings(self) -> dict[str, Any]:
-        """Proxy options and the data the NTK images are drawn from."""
-        return {**{f"proxy.{k}": getattr(self.cfg.proxy, k) for k in SCORE_KEYS},
-                **split_settings(self.cfg.data)}
+        """Every proxy option that changes the numbers, and the images the NTK is computed on
+        (their split and transform)."""
+        options = {f"proxy.{k}": v for k, v in dataclasses.asdict(self.cfg.proxy).items()
+                   if k not in HOW_KEYS}
+        return {**options, **split_settings(self.cfg.data),
+                "transform": transform_settings(self.cfg.data, self.cfg.space.img_size, False)}
 
     def setup(self) -> None:
         """Build the superformer and read the NTK images (idempotent)."""
@@ -64,8 +71,8 @@ class ProxyScorer(Scorer):
 
     def fitness(self, records: Sequence[dict]) -> np.ndarray:
         """Higher is better over all `records`: negated weighted rank sum, or w1 log L^E - w2 log kappa."""
-        weights = self.cfg.search.proxy_weights
-        if self.cfg.search.proxy_combine == "rank_sum":
+        weights = self.cfg.proxy.weights
+        if self.cfg.proxy.combine == "rank_sum":
             return rank_sum(records, self.reward_terms, weights)
         ok = valid_mask(records)
         values = np.zeros(len(records))

@@ -2,7 +2,9 @@
 
 Slurm where `sbatch` exists, submitit's local executor otherwise (`launch.executor` decides).
 Nodes, tasks, GPUs, time, partition come from the config's `launch` section or overrides such as
-`launch.tasks_per_node=2`. A preempted or timed-out job is requeued and resumes from its last.pth.
+`launch.tasks_per_node=2`. Before anything is queued or written the stage's `preflight` runs: every
+value `vitas STAGE` refuses is refused here with the same one line and exit 2. A preempted or
+timed-out job is requeued and resumes from its last.pth.
 """
 from __future__ import annotations
 
@@ -14,17 +16,9 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from vitas.core.errors import UserError
 from vitas.core.launch import check_entry, resolve_executor, submit_stage, wait_result
-from vitas.commands._common import add_config_args, config_from_args
-
-# stage name -> (folder under output_dir, entry point "module:function" taking a Config)
-STAGES: dict[str, tuple[str, str]] = {
-    "train-supernet": ("supernet", "vitas.supernet.train:run"),
-    "search": ("search", "vitas.search.runner:run"),
-    "rank": ("rank", "vitas.search.ranking.study:run"),
-    "scale": ("scale", "vitas.search.scaling:run"),
-    "retrain": ("retrain", "vitas.retrain.train:run"),
-    "evaluate": ("evaluate", "vitas.inference.evaluate:run"),
-}
+from vitas.core.layout import run_layout
+from vitas.core.stage import preflight
+from vitas.stages import STAGES, add_stage_args, get_stage, stage_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,19 +28,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Submit a stage through submitit: to Slurm where `sbatch` exists, else to "
         "submitit's local executor (launch.executor=auto|slurm|local). Job settings come from the "
         "`launch` section (nodes, tasks_per_node, gpus_per_node, cpus_per_task, mem_gb, partition, "
-        "timeout_min, job_name, max_requeue). Logs go to OUTPUT_DIR/<stage>/submitit/. The last "
-        "line of stdout is a JSON object {job_id, stage, executor, folder, state}.")
+        "timeout_min, job_name, max_requeue). The stage's checks run before anything is queued. "
+        "Logs go to OUTPUT_DIR/<stage>/submitit/. The last line of stdout is a JSON object "
+        "{job_id, stage, executor, folder, state}.")
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for stage, (folder, entry) in STAGES.items():
-        sub = stages.add_parser(stage, help=f"run {entry} (writes to OUTPUT_DIR/{folder})",
-                                description=f"Submit `{entry}` as a job; it writes to "
-                                f"OUTPUT_DIR/{folder} and resumes from its last.pth when requeued.")
-        add_config_args(sub)
-        sub.add_argument("--entry", metavar="MODULE:FUNCTION", default=entry,
-                         help=f"function taking a Config to run instead (default {entry})")
+    for name, entry in STAGES.items():
+        stage = get_stage(name)
+        sub = stages.add_parser(name, help=f"submit `vitas {name}` (writes to OUTPUT_DIR/{stage.folder})",
+                                description=f"Submit `vitas {name}` as a job; it writes to "
+                                f"OUTPUT_DIR/{stage.folder} and resumes from its last.pth when "
+                                f"requeued. {stage.description}")
+        add_stage_args(sub, stage)
+        sub.add_argument("--entry", metavar="MODULE:ATTRIBUTE", default=entry,
+                         help=f"stage object or function taking a Config to run instead (default {entry})")
         sub.add_argument("--wait", action="store_true",
                          help="wait for the job; exit 1 if it failed")
-        sub.set_defaults(func=_submit, folder=folder)
+        sub.set_defaults(func=_submit)
 
 
 def _check_module(entry: str) -> None:
@@ -62,12 +59,13 @@ def _check_module(entry: str) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    folder, entry = args.folder, args.entry
+    stage, entry = get_stage(args.stage), args.entry
     _check_module(entry)
-    cfg = config_from_args(args)
+    cfg = stage_config(args, stage)
     executor = resolve_executor(cfg.launch)
-    job = submit_stage(cfg, folder, entry)
-    logs = cfg.stage_dir(folder) / "submitit"
+    preflight(stage, cfg)  # the same refusals as `vitas STAGE`, before anything is queued
+    job = submit_stage(cfg, stage.folder, entry)
+    logs = run_layout(cfg.output_dir).stage(stage.folder) / "submitit"
     launch = cfg.launch
     print(f"submitted {args.stage}: job {job.job_id} on {executor} "
           f"({launch.nodes} node(s) x {launch.tasks_per_node} task(s))")

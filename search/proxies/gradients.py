@@ -26,13 +26,14 @@ def layer_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 def loss_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batches: int,
                    loss_fn: LossFn = F.cross_entropy) -> list[dict[str, torch.Tensor]]:
     """Gradients of `loss_fn` (mean over the batch) w.r.t. the layer weights, one dict per batch:
-    `images` is cut into `batches` equal consecutive batches (their mean is the whole-batch
-    gradient)."""
+    batch b holds images b, b + batches, b + 2 batches, ... (interleaved, so that batches of a
+    class-sorted proxy batch mix the classes); their mean is the whole-batch gradient."""
     if len(images) % batches:
         raise ValueError(f"{len(images)} images do not split into {batches} equal batches")
     weights = layer_weights(model)
     grads = []
-    for x, y in zip(images.chunk(batches), labels.chunk(batches)):
+    for b in range(batches):
+        x, y = images[b::batches], labels[b::batches]
         g = torch.autograd.grad(loss_fn(model(x), y), list(weights.values()), allow_unused=True)
         grads.append({n: (t if t is not None else torch.zeros_like(w)).detach()
                       for (n, w), t in zip(weights.items(), g)})

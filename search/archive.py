@@ -28,6 +28,12 @@ class Budget:
     params: tuple[Optional[int], Optional[int]] = (None, None)
     primary: str = "macs"
 
+    @staticmethod
+    def config_keys(search_cfg: Any) -> dict[str, Any]:
+        """The `search.*` values a budget is built from (what a resumed search must agree on)."""
+        return {f"search.{k}": getattr(search_cfg, k) for k in
+                ("macs_min", "macs_max", "params_min", "params_max", "constraint")}
+
     @classmethod
     def from_config(cls, search_cfg: Any) -> "Budget":
         """The budget of a `SearchConfig`; UserError for an empty range."""

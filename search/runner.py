@@ -67,7 +67,7 @@ def signature(cfg: Config, scorer: Scorer) -> dict:
     settings = algorithm_class(cfg.search.algorithm).settings_from(cfg.search)
     return {"search.algorithm": cfg.search.algorithm, "search.scorer": cfg.search.scorer,
             **{f"search.{k}": v for k, v in dataclasses.asdict(settings).items()},
-            **{f"budget.{k}": v for k, v in dataclasses.asdict(Budget.from_config(cfg.search)).items()},
+            **Budget.config_keys(cfg.search),
             **scorer.settings(), "space": scorer.space.spec()}
 
 
@@ -87,15 +87,20 @@ def check(cfg: Config) -> None:
     create_algorithm(archive, cfg.search)  # the algorithm's own value checks
     state_path = run_layout(cfg.output_dir).search_state
     if state_path.is_file():
-        state = load_checkpoint(state_path, mmap=True)
-        saved = state.get("signature") if isinstance(state, dict) else None
-        if not isinstance(saved, dict) or not isinstance(state.get("search"), dict):
-            raise UserError(f"{state_path} is not a search state (no 'signature'/'search' entries)")
-        for key, value in signature(cfg, scorer).items():
-            if saved.get(key) != value:
-                what = "the search space" if key == "space" else f"{key}={saved.get(key)!r}"
-                raise UserError(f"{state_path} was made with {what}, which this config changes; "
-                                "use another output_dir or delete the file to start over")
+        check_resumable(load_checkpoint(state_path, mmap=True), signature(cfg, scorer), state_path)
+
+
+def check_resumable(state: Any, sig: dict, path: Path) -> None:
+    """A saved search state that was made under the same signature, else a UserError naming the
+    first key that differs."""
+    saved = state.get("signature") if isinstance(state, dict) else None
+    if not isinstance(saved, dict) or not isinstance(state.get("search"), dict):
+        raise UserError(f"{path} is not a search state (no 'signature'/'search' entries)")
+    for key, value in sig.items():
+        if saved.get(key) != value:
+            what = "the search space" if key == "space" else f"{key}={saved.get(key)!r}"
+            raise UserError(f"{path} was made with {what}, which this config changes; "
+                            "use another output_dir or delete the file to start over")
 
 
 def search(cfg: Config, scorer: Scorer, out: Path) -> dict:
@@ -109,7 +114,9 @@ def search(cfg: Config, scorer: Scorer, out: Path) -> dict:
     state_path = out / "last.pth"
     sig = signature(cfg, scorer)
     if dist.broadcast_object(state_path.is_file()):  # rank 0 decides: all ranks take one path
-        algo.load(load_checkpoint(state_path)["search"])
+        state = load_checkpoint(state_path)
+        check_resumable(state, sig, state_path)
+        algo.load(state["search"])
         log.info("search: continuing from %s (%s %d)", state_path, algo.round_name, algo.position)
     else:
         algo.start()

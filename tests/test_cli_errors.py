@@ -1,6 +1,9 @@
-"""Bad input to every stage: one line `vitas: error: ...`, exit code 2, and no output folder."""
+"""Bad input to every stage: one line `vitas: error: ...`, exit code 2, and no output folder;
+the same through `vitas submit` (local executor and the real Slurm), with nothing queued."""
 from __future__ import annotations
 
+import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,13 +23,37 @@ CASES = {  # name: (arguments after `vitas`, text the error must contain); {data
                                    "search.macs_min=5", "search.macs_max=10"], "no architecture has macs"),
     "search, misspelt key": (["search", "search.populaton=3"], "search.population"),
     "rank, missing data": (["rank", "data.root=/no/such/dir"], "data.root"),
-    "scale, no seed": (["scale", "data.root={data}"], "proxy.scaling_seed_arch"),
+    "search, hold-out of 0": (["search", "data.root={data}", "data.holdout_per_class=0"],
+                              "data.holdout_per_class is 0"),
+    "search, bad algorithm": (["search", "data.root={data}", "search.algorithm=pso"], "search.algorithm"),
+    "search, rl budget nobody meets": (["search", "data.root={data}", "search.scorer=proxy",
+                                        "search.algorithm=rl", "search.macs_max=10"], "no architecture has macs"),
+    "rank, missing data": (["rank", "data.root=/no/such/dir"], "data.root"),
+    "rank, too few archs": (["rank", "data.root={data}", "rank.archs=1"], "rank.archs must be >= 2"),
+    "scale, no seed": (["scale", "data.root={data}"], "scale.seed_arch"),
     "scale, bad seed": (["scale", "data.root={data}", "--seed-arch", '{"depth": 1}'], "--seed-arch"),
+    "scale, fractional width": (["scale", "data.root={data}", "--seed-arch", SEED.replace('"embed_dim": 16', '"embed_dim": 16.5')],
+                                "embed_dim"),
+    "scale, depth 0": (["scale", "data.root={data}", "--seed-arch",
+                        '{"patch_size": 8, "embed_dim": 16, "depth": 0, "num_heads": [], "attn_dim": [], "mlp_dim": []}'],
+                       "depth"),
+    "scale, negative limit": (["scale", "data.root={data}", "--seed-arch", SEED, "scale.param_limit=-5"],
+                              "scale.param_limit must be >= 1"),
     "retrain, no arch": (["retrain", "data.root={data}"], "run the search first"),
     "retrain, arch outside the space": (["retrain", "data.root={data}", "--arch", SEED], "embed_dim"),
+    "retrain, min_lr above lr": (["retrain", "data.root={data}", "retrain.min_lr=1"], "retrain.min_lr"),
+    "retrain, bad init": (["retrain", "data.root={data}", "retrain.init=imagenet"], "retrain.init"),
+    "evaluate, missing checkpoint": (["evaluate", "data.root={data}", "--checkpoint", "/no/ckpt.pth"],
+                                     "checkpoint not found"),
     "proxy, bad arch": (["proxy", "data.root={data}", "--arch", "{not json"], "not valid JSON"),
     "proxy, missing arch file": (["proxy", "data.root={data}", "--arch", "nope.json"], "file not found"),
 }
+STAGES = ("train-supernet", "search", "rank", "scale", "retrain", "evaluate")
+
+
+def one_error_line(err: str, needle: str) -> None:
+    lines = [line for line in err.splitlines() if not line.startswith("20")]  # drop log lines
+    assert len(lines) == 1 and lines[0].startswith("vitas: error: ") and needle in lines[0], err
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -35,11 +62,29 @@ def test_stage_errors_are_one_line_exit_2_and_write_nothing(name, tiny_digits, t
     out = tmp_path / "run"
     argv = [a.replace("{data}", str(tiny_digits)) for a in args]
     code = main([argv[0], "-c", DEMO, f"output_dir={out}", *argv[1:]])
-    err = capsys.readouterr().err
     assert code == 2
-    lines = [line for line in err.splitlines() if not line.startswith("20")]  # drop log lines
-    assert len(lines) == 1 and lines[0].startswith("vitas: error: ") and needle in lines[0], err
+    one_error_line(capsys.readouterr().err, needle)
     assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+
+
+@pytest.mark.parametrize("executor", ["local", "slurm"])
+@pytest.mark.parametrize("name", [n for n in CASES if CASES[n][0][0] in STAGES])
+def test_submit_refuses_the_same_before_queueing(name, executor, tiny_digits, tmp_path, capsys,
+                                                 request) -> None:
+    if executor == "slurm":
+        request.getfixturevalue("slurm_cluster")
+    args, needle = CASES[name]
+    out = tmp_path / "run"
+    job = f"vitas-refused-{uuid.uuid4().hex[:8]}"
+    argv = [a.replace("{data}", str(tiny_digits)) for a in args]
+    code = main(["submit", argv[0], "-c", DEMO, f"output_dir={out}", f"launch.executor={executor}",
+                 f"launch.job_name={job}", *argv[1:]])
+    assert code == 2
+    one_error_line(capsys.readouterr().err, needle)
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    if executor == "slurm":
+        queued = subprocess.run(["squeue", "-h", "-n", job], capture_output=True, text=True, check=True)
+        assert queued.stdout.strip() == ""
 
 
 TINY = '{"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": [2, 2], "attn_dim": [32, 32], "mlp_dim": [64, 64]}'

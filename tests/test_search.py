@@ -18,11 +18,13 @@ from vitas.core.checkpoint import load_checkpoint, save_checkpoint
 from vitas.core.config import load_config
 from vitas.core.data import write_digits
 from vitas.core.errors import UserError
+from vitas.core.stage import execute
 from vitas.search import runner
+from vitas.search.algorithms.evolution import Evolution, EvolutionSettings
+from vitas.search.algorithms.random import RandomSearch, RandomSettings
+from vitas.search.algorithms.rl import Reinforce, ReinforceSettings
 from vitas.search.archive import Archive, Budget
 from vitas.search.scoring.accuracy import AccuracyScorer, holdout_batches, inherited_accuracy, sides
-from vitas.search.algorithms.evolution import Evolution
-from vitas.search.algorithms.rl import Reinforce
 from vitas.search.scoring.base import Scorer, rank_sum, weighted_sum
 from vitas.supernet.complexity import arch_cost
 from vitas.supernet.model import Superformer
@@ -81,6 +83,11 @@ def target_arch(space, seed: int = 7) -> dict:
     return space.sample_in_range(np.random.default_rng(seed), cost_fn(space), macs=(0, MACS_MAX))
 
 
+def run_search(cfg, scorer) -> dict:
+    """The runner's search with `scorer` into the config's search folder."""
+    return runner.search(cfg, scorer, Path(cfg.output_dir) / "search")
+
+
 def strip(result: dict) -> dict:
     """A result without the parts that name the output folder."""
     return {k: v for k, v in result.items() if k != "config"}
@@ -117,9 +124,8 @@ def test_evolution_reaches_known_optimum_inside_budget(algorithm: str) -> None:
     space = space_from_config(load_config(DEMO))
     target = target_arch(space)
     archive = Archive(space, TargetScorer(space, target), cost_fn(space), Budget(macs=(0, MACS_MAX)))
-    evo = Evolution(algorithm, archive, population=16, generations=25, mutation_prob=0.1,
-                    crossover_prob=0.9, seed=0)
-    evo.initialize(lambda rng: space.sample_in_range(rng, cost_fn(space), macs=(0, MACS_MAX)))
+    evo = Evolution(archive, EvolutionSettings(algorithm, 16, 0.1, 0.9, 0), rounds=25)
+    evo.start()
     while not evo.done:
         evo.step()
     best = archive.best()
@@ -135,9 +141,8 @@ def test_ga_budget_is_a_real_constraint() -> None:
     space = space_from_config(load_config(DEMO))
     lo, hi = 500_000, 1_200_000
     archive = Archive(space, CostScorer(space), cost_fn(space), Budget(macs=(lo, hi)))
-    evo = Evolution("ga", archive, population=16, generations=15, mutation_prob=0.1,
-                    crossover_prob=0.9, seed=1)
-    evo.initialize(lambda rng: space.sample_in_range(rng, cost_fn(space), macs=(lo, hi)))
+    evo = Evolution(archive, EvolutionSettings("ga", 16, 0.1, 0.9, 1), rounds=15)
+    evo.start()
     while not evo.done:
         evo.step()
     assert any(not r["feasible"] for r in archive.records)  # offspring did cross the budget ...
@@ -152,7 +157,7 @@ def test_rl_reaches_known_optimum() -> None:
     space = space_from_config(load_config(DEMO))
     target = target_arch(space, seed=3)
     archive = Archive(space, TargetScorer(space, target), cost_fn(space), Budget(macs=(0, MACS_MAX)))
-    rl = Reinforce(archive, steps=500, lr=0.08, momentum=0.9, window=20, seed=0)
+    rl = Reinforce(archive, ReinforceSettings(lr=0.08, momentum=0.9, window=20, seed=0), rounds=500)
     start = rl.entropy()
     while not rl.done:
         rl.step()
@@ -165,7 +170,7 @@ def test_nsga2_front_is_non_dominated_and_inside_budget(tmp_path: Path) -> None:
     cfg = demo_cfg(tmp_path, "search.algorithm=nsga2", "search.population=12",
                    "search.generations=6", "search.macs_min=600000", f"search.macs_max={MACS_MAX}")
     space = space_from_config(cfg)
-    result = runner.search(cfg, TargetScorer(space, target_arch(space)), cost_fn(space))
+    result = run_search(cfg, TargetScorer(space, target_arch(space)))
     front = result["pareto_front"]
     scored = [r for r in result["evaluated"] if r["feasible"]]
     assert front and len(scored) > len(front)
@@ -180,7 +185,7 @@ def test_nsga2_front_is_non_dominated_and_inside_budget(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ runner: constraints,
 # determinism, resume
-@pytest.mark.parametrize("algorithm", ["ga", "nsga2", "rl"])
+@pytest.mark.parametrize("algorithm", ["ga", "nsga2", "rl", "random"])
 def test_reported_archs_satisfy_constraints_and_same_seed_same_result(tmp_path: Path, algorithm: str) -> None:
     over = [f"search.algorithm={algorithm}", "search.population=10", "search.generations=4",
             "search.steps=60", "search.macs_min=700000", "search.macs_max=1500000",
@@ -189,7 +194,7 @@ def test_reported_archs_satisfy_constraints_and_same_seed_same_result(tmp_path: 
     for name in ("a", "b"):
         cfg = demo_cfg(tmp_path / name, *over)
         space = space_from_config(cfg)
-        results.append(runner.search(cfg, TargetScorer(space, target_arch(space)), cost_fn(space)))
+        results.append(run_search(cfg, TargetScorer(space, target_arch(space))))
     assert strip(results[0]) == strip(results[1])
     res = results[0]
     reported = [res["chosen"]] + res["pareto_front"] + res["top_k"]
@@ -203,7 +208,7 @@ def test_reported_archs_satisfy_constraints_and_same_seed_same_result(tmp_path: 
     assert on_disk["chosen"] == res["chosen"] and on_disk["seed"] == 0
 
 
-@pytest.mark.parametrize("algorithm,fail_after", [("ga", 3), ("nsga2", 4), ("rl", 37)])
+@pytest.mark.parametrize("algorithm,fail_after", [("ga", 3), ("nsga2", 4), ("rl", 37), ("random", 3)])
 def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path: Path, algorithm: str,
                                                                 fail_after: int) -> None:
     """Raise out of the scorer in the middle of a generation (or step), start again: same result."""
@@ -212,16 +217,16 @@ def test_interrupted_search_resumes_to_the_uninterrupted_result(tmp_path: Path, 
     cfg = demo_cfg(tmp_path / "full", *over)
     space = space_from_config(cfg)
     target = target_arch(space)
-    full = runner.search(cfg, TargetScorer(space, target), cost_fn(space))
+    full = run_search(cfg, TargetScorer(space, target))
 
     cfg = demo_cfg(tmp_path / "cut", *over)
     with pytest.raises(KeyboardInterrupt):
-        runner.search(cfg, TargetScorer(space, target, fail_after=fail_after), cost_fn(space))
+        run_search(cfg, TargetScorer(space, target, fail_after=fail_after))
     assert not (tmp_path / "cut" / "search" / "result.json").exists()
     saved = load_checkpoint(tmp_path / "cut" / "search" / "last.pth")["search"]
-    assert 0 < saved.get("generation", saved.get("step", 0)) < 60
+    assert 0 < saved.get("generation", saved.get("step", saved.get("round", 0))) < 60
     again = TargetScorer(space, target)
-    resumed = runner.search(cfg, again, cost_fn(space))
+    resumed = run_search(cfg, again)
     assert strip(resumed) == strip(full)
     assert again.computed < len([r for r in full["evaluated"] if r["feasible"]])  # archive reused
 
@@ -232,12 +237,11 @@ def test_sigkilled_search_process_resumes_to_the_same_result(tmp_path: Path) -> 
     script.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_search import TargetScorer, demo_cfg, cost_fn, target_arch
-        from vitas.search import runner
+        from test_search import TargetScorer, demo_cfg, run_search, target_arch
         from vitas.supernet.space import space_from_config
         cfg = demo_cfg(sys.argv[1], "search.population=10", "search.generations=5")
         space = space_from_config(cfg)
-        runner.search(cfg, TargetScorer(space, target_arch(space), kill_after=3), cost_fn(space))
+        run_search(cfg, TargetScorer(space, target_arch(space), kill_after=3))
     """))
     killed = subprocess.run([sys.executable, str(script), str(tmp_path / "cut")], capture_output=True,
                             text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -251,17 +255,17 @@ def test_sigkilled_search_process_resumes_to_the_same_result(tmp_path: Path) -> 
     for name in ("cut", "full"):
         cfg = demo_cfg(tmp_path / name, "search.population=10", "search.generations=5")
         space = space_from_config(cfg)
-        results.append(strip(runner.search(cfg, TargetScorer(space, target_arch(space)), cost_fn(space))))
+        results.append(strip(run_search(cfg, TargetScorer(space, target_arch(space)))))
     assert results[0] == results[1]
 
 
 def test_resume_with_other_search_settings_is_a_user_error(tmp_path: Path) -> None:
     cfg = demo_cfg(tmp_path, "search.population=6", "search.generations=1")
     space = space_from_config(cfg)
-    runner.search(cfg, TargetScorer(space, target_arch(space)), cost_fn(space))
+    run_search(cfg, TargetScorer(space, target_arch(space)))
     cfg = demo_cfg(tmp_path, "search.population=8", "search.generations=1")
     with pytest.raises(UserError, match="search.population=6"):
-        runner.search(cfg, TargetScorer(space, target_arch(space)), cost_fn(space))
+        run_search(cfg, TargetScorer(space, target_arch(space)))
 
 
 # ------------------------------------------------------------------------------ inherited accuracy
@@ -305,14 +309,14 @@ def test_accuracy_search_refuses_to_resume_on_a_retrained_superformer(tiny_run: 
     ckpt = tmp_path / "supernet.pth"
     state = load_checkpoint(tiny_run / "run" / "supernet" / "last.pth")
     save_checkpoint(state, ckpt)
-    args = (f"output_dir={tmp_path}", f"search.checkpoint={ckpt}", "search.population=4")
-    runner.run(tiny_cfg(tiny_run, *args, "search.generations=1"))
+    args = (f"output_dir={tmp_path}", f"supernet.checkpoint={ckpt}", "search.population=4")
+    execute(runner.STAGE, tiny_cfg(tiny_run, *args, "search.generations=1"))
     save_checkpoint({**state, "epoch": 2}, ckpt)  # trained on for another epoch
     with pytest.raises(UserError, match=r"checkpoint.progress=\[1, None\]"):
-        runner.run(tiny_cfg(tiny_run, *args, "search.generations=2"))
+        execute(runner.STAGE, tiny_cfg(tiny_run, *args, "search.generations=2"))
     save_checkpoint(state, ckpt)
     with pytest.raises(UserError, match="data.holdout_per_class=5"):
-        runner.run(tiny_cfg(tiny_run, *args, "search.generations=2", "data.holdout_per_class=4"))
+        execute(runner.STAGE, tiny_cfg(tiny_run, *args, "search.generations=2", "data.holdout_per_class=4"))
 
 
 def test_bilateral_accuracy_averages_left_and_right_and_ema_is_preferred(tiny_run: Path, tmp_path: Path) -> None:
@@ -340,7 +344,7 @@ def test_bilateral_accuracy_averages_left_and_right_and_ema_is_preferred(tiny_ru
 def test_vitas_search_cli_writes_outputs_and_retrain_yaml(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
     out = tiny_run / "cli"
     args = ["search", "-c", str(DEMO), f"output_dir={out}", f"data.root={tiny_run / 'digits'}",
-            "data.holdout_per_class=5", f"search.checkpoint={tiny_run / 'run' / 'supernet' / 'last.pth'}",
+            "data.holdout_per_class=5", f"supernet.checkpoint={tiny_run / 'run' / 'supernet' / 'last.pth'}",
             "search.population=6", "search.generations=2"]
     assert cli_main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -224,3 +224,16 @@ def test_cli_build_then_predict(tmp_path, capsys) -> None:
     assert predicted["latency_ms"] > 0 and predicted["model"] == summary["model"]
     assert main(["latency", "predict", *common, "latency.batch_size=4", "--arch", ARCH]) == 2
     assert "latency.batch_size=4" in capsys.readouterr().err
+
+
+def test_onnx_backend_when_installed() -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    space = tiny_space()
+    timing = measure_arch(space.max_arch(), space.cfg, 10, LatencySetting(backend="onnx", warmup=0, repeats=2, rounds=1))
+    assert len(timing.samples_ms) == 2 and timing.median_ms > 0
+
+
+def test_hierarchical_space_is_refused(capsys) -> None:
+    assert main(["latency", "measure", "-c", str(ROOT / "yamls" / "asvit-digits.yaml"), "--arch", "{}"]) == 2
+    assert "space.kind=asvit" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import itertools
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -125,13 +126,23 @@ def _in_bin(space: SearchSpace, cost: Callable[[dict], int], lo: int, hi: int, r
     return arch
 
 
-def build_latency_model(space: SearchSpace, num_classes: int, setting: LatencySetting, predictor: str,
-                        samples: int, holdout: int, seed: int = 0,
-                        cache: Optional[Path] = None) -> LatencyModel:
-    """Measure on this machine and fit a `predictor` (`lut` or `regression`) latency model.
+@dataclass
+class Measured:
+    """What a build measured: the parts' medians and the end-to-end samples (fit and hold-out)."""
 
-    The table's parts (for `lut`), the `samples` architectures it is fitted to and the `holdout`
-    ones it is checked on are all timed together, in turn (`measure_modules`)."""
+    machine: dict
+    table: dict[str, float]
+    fit: list[dict]  # {"arch", "median_ms", "iqr_ms", "loadavg"}
+    holdout: list[dict]
+    started: float
+    loadavg_start: Optional[list[float]]
+
+
+def measure_for_model(space: SearchSpace, num_classes: int, setting: LatencySetting, parts: bool,
+                      samples: int, holdout: int, seed: int = 0, cache: Optional[Path] = None) -> Measured:
+    """Time, on this machine, every part of the space (if `parts`), the `samples` architectures a
+    model is fitted to and the `holdout` ones it is checked on, all together, in turn
+    (`measure_modules`); measurements already in `cache` are reused."""
     setting.check()
     started, load_start = time.time(), load_average()
     machine = describe_machine(setting.device)
@@ -141,7 +152,7 @@ def build_latency_model(space: SearchSpace, num_classes: int, setting: LatencySe
     fit_archs = spread_archs(space, num_classes, samples, seed)
     held = spread_archs(space, num_classes, holdout, seed + 1, exclude=map(space.key, fit_archs)) if holdout else []
     factories: dict[str, ModelFactory] = {}
-    if predictor == "lut":
+    if parts:
         factories.update({k: part_factory(k, space.cfg, num_classes, setting.batch_size) for k in space_parts(space)})
     for arch in fit_archs + held:
         factories[arch_key(space, arch)] = arch_factory(arch, space.cfg, num_classes, setting.batch_size)
@@ -149,15 +160,24 @@ def build_latency_model(space: SearchSpace, num_classes: int, setting: LatencySe
 
     def measured(archs: list[dict]) -> list[dict]:
         entries = [store.entries[arch_key(space, a)] for a in archs]
-        return [{"arch": a, "median_ms": e["median_ms"], "iqr_ms": e["iqr_ms"]} for a, e in zip(archs, entries)]
+        return [{"arch": a, "median_ms": e["median_ms"], "iqr_ms": e["iqr_ms"], "loadavg": e["loadavg"]}
+                for a, e in zip(archs, entries)]
 
     table = {k: store.entries[k]["median_ms"] for k in factories if not k.startswith("arch:")}
-    model = fit_latency_model(predictor, measured(fit_archs), table, setting, machine, space, num_classes)
-    if held:
-        checked = measured(held)
-        model.holdout = ape_stats([model.predict(s["arch"]) for s in checked], [s["median_ms"] for s in checked])
+    return Measured(machine, table, measured(fit_archs), measured(held), started, load_start)
+
+
+def build_latency_model(space: SearchSpace, num_classes: int, setting: LatencySetting, predictor: str,
+                        samples: int, holdout: int, seed: int = 0,
+                        cache: Optional[Path] = None) -> LatencyModel:
+    """Measure on this machine (`measure_for_model`) and fit a `predictor` (`lut` or
+    `regression`) latency model; its error on the hold-out architectures goes in `.holdout`."""
+    m = measure_for_model(space, num_classes, setting, predictor == "lut", samples, holdout, seed, cache)
+    model = fit_latency_model(predictor, m.fit, m.table, setting, m.machine, space, num_classes)
+    if m.holdout:
+        model.holdout = ape_stats([model.predict(s["arch"]) for s in m.holdout], [s["median_ms"] for s in m.holdout])
     model.built = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "seconds": round(time.time() - started, 1), "loadavg_start": load_start,
+                   "seconds": round(time.time() - m.started, 1), "loadavg_start": m.loadavg_start,
                    "loadavg_end": load_average()}
     return model
 
@@ -171,6 +191,7 @@ def fit_latency_model(predictor: str, samples: list[dict], table: dict[str, floa
                       machine: dict, space: SearchSpace, num_classes: int) -> LatencyModel:
     """Fit a model to end-to-end `samples` ({"arch", "median_ms", ...}); `table` holds the parts'
     medians for `lut`. Pure arithmetic: no timing happens here."""
+    samples = [{k: s[k] for k in ("arch", "median_ms", "iqr_ms")} for s in samples]
     model = LatencyModel(predictor=predictor, setting=dataclasses.asdict(setting), machine=machine,
                          space=latency_space(space.cfg), num_classes=num_classes, table=dict(table),
                          samples=samples)

@@ -43,6 +43,14 @@ class LatencyMismatchWarning(UserWarning):
     """A latency model is used on another machine than the one it was measured on."""
 
 
+def latency_search_space(space: SpaceConfig) -> SearchSpace:
+    """The SearchSpace of a flat ViT space; UserError for a space kind latency does not cover."""
+    kind = getattr(space, "kind", "vit")
+    if kind != "vit":
+        raise UserError(f"latency models cover flat ViT spaces (space.kind=vit), not space.kind={kind}")
+    return SearchSpace(space)
+
+
 def latency_space(space: SpaceConfig) -> dict:
     """The fields of a space that a latency model records (`SPACE_KEYS`)."""
     return {k: getattr(space, k) for k in SPACE_KEYS}
@@ -247,4 +255,5 @@ def model_path(cfg: Config) -> Path:
 def load_for_config(cfg: Config, num_classes: int) -> tuple[LatencyModel, Path]:
     """The config's latency model, checked against its `latency` setting, space and class count."""
     path = model_path(cfg)
-    return load_latency_model(path, LatencySetting.from_config(cfg.latency), SearchSpace(cfg.space), num_classes), path
+    space = latency_search_space(cfg.space)
+    return load_latency_model(path, LatencySetting.from_config(cfg.latency), space, num_classes), path

@@ -43,10 +43,11 @@ def _measure(args: argparse.Namespace) -> None:
     from vitas.inference.latency import LatencySetting, describe_machine, measure_arch
     from vitas.inference.latency.measure import load_average
     from vitas.supernet.complexity import arch_cost
-    from vitas.supernet.space import SearchSpace, load_arch
+    from vitas.inference.latency.model import latency_search_space
+    from vitas.supernet.space import load_arch
 
     cfg = config_from_args(args)
-    space = SearchSpace(cfg.space)
+    space = latency_search_space(cfg.space)
     arch = space.validate(load_arch(args.arch))
     classes = num_classes(cfg)
     setting = LatencySetting.from_config(cfg.latency)
@@ -64,16 +65,17 @@ def _measure(args: argparse.Namespace) -> None:
 def _build(args: argparse.Namespace) -> None:
     from vitas.core.config import save_config
     from vitas.inference.latency import LatencySetting, build_latency_model, model_path
-    from vitas.supernet.space import SearchSpace
+    from vitas.inference.latency.model import latency_search_space
 
     cfg = config_from_args(args)
     lc = cfg.latency
     setting = LatencySetting.from_config(lc)
     setting.check()
+    space = latency_search_space(cfg.space)
     out = cfg.stage_dir("latency")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    model = build_latency_model(SearchSpace(cfg.space), num_classes(cfg), setting, lc.predictor,
+    model = build_latency_model(space, num_classes(cfg), setting, lc.predictor,
                                 samples=lc.samples, holdout=lc.holdout, seed=lc.seed,
                                 cache=out / "measurements.jsonl")
     path = model.save(model_path(cfg))
@@ -87,9 +89,10 @@ def _build(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from vitas.inference.latency import load_for_config
-    from vitas.supernet.space import SearchSpace, load_arch
+    from vitas.inference.latency.model import latency_search_space
+    from vitas.supernet.space import load_arch
 
     cfg = config_from_args(args)
-    arch = SearchSpace(cfg.space).validate(load_arch(args.arch))
+    arch = latency_search_space(cfg.space).validate(load_arch(args.arch))
     model, path = load_for_config(cfg, num_classes(cfg))
     print(json.dumps({"latency_ms": model.predict(arch), "margin": model.margin, "model": str(path)}))

@@ -3,14 +3,15 @@ AutoFormer-Ti subnets of ViT-Bench-101 (Auto-Prox, AAAI 2024) on its 7 accuracy 
 
 Two steps, both resumable:
 
-    nice -n 10 nohup python bench/proxy_fidelity.py compute > proxy_fidelity.log &
+    nice -n 10 nohup python bench/proxy_fidelity.py compute --variant scratch > scratch.log &
+    nice -n 10 nohup python bench/proxy_fidelity.py compute --variant super > super.log &
     python bench/proxy_fidelity.py report
 
 `compute` scores each architecture with every proxy of `search.proxies.zoo` under the default
 `proxy.*` settings (5 re-drawn initialisations, 10 angles, 16 images, As-ViT's NTK on the pooled
 features averaged over the inits), at 224 px (the benchmark's `MODEL.IMG_SIZE`, patch 16), and
-caches the values per architecture in bench/results/proxy_fidelity_values.json (rewritten
-atomically after each; a rerun continues). Each target is scored on the architecture that was
+caches the values per architecture in bench/results/proxy_fidelity_values_<variant>.json
+(rewritten atomically after each; a rerun continues). Each target is scored on the architecture that was
 trained for it:
 - `scratch` (the six `*_base`/`*_kd` targets, trained from scratch): attention width = embedding
   width (head_dim = embed / heads), no relative positions, mean pooling, as the benchmark's
@@ -85,46 +86,44 @@ def setup(digits: Path) -> tuple[Any, torch.Tensor, torch.Tensor, Superformer]:
     return cfg, images, labels, Superformer(space_from_config(cfg), PROXY_CLASSES).eval()
 
 
-def compute(cache: Path, digits: Path) -> dict:
-    """Every proxy of every (variant, architecture) not yet in `cache`, written after each."""
+def compute(variant: str, cache: Path, digits: Path) -> dict:
+    """Every proxy of every architecture of `variant` not yet in `cache`, written after each."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     rows = json.loads(DATA.read_text())
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     cfg, images, labels, superformer = setup(digits)
-    settings = {"proxy": ProxyConfig().__dict__ | {"names": list(NAMES)}, "img_size": IMG,
+    settings = {"variant": variant, "proxy": ProxyConfig().__dict__ | {"names": list(NAMES)}, "img_size": IMG,
                 "images": "digits (vitas data digits), 16, eval transform at 224 px, crop_pct 1.0",
                 "proxy_head_classes": PROXY_CLASSES, "torch": torch.__version__}
     if done.get("settings", settings) != settings:
         raise SystemExit(f"{cache} was computed with other settings: {done['settings']}")
     done["settings"] = settings
     values = done.setdefault("values", {})
-    for variant in ("scratch", "super"):
-        for i, row in enumerate(rows):
-            key = f"{variant}/{i}"
-            if key in values:
-                continue
-            start = time.perf_counter()
-            if variant == "super":
-                rec = compute_proxies(NAMES, superformer, row["arch"], images, cfg.proxy, labels)
-            else:
-                model = scratch_model(row["arch"], PROXY_CLASSES)
-                rec = compute_proxies(NAMES, model, None, images, cfg.proxy, labels)
-            rec["seconds"] = time.perf_counter() - start
-            values[key] = rec
-            write_json(done, cache)
-            log.info("%s %.1f s %s", key, rec["seconds"], {k: rec[k] for k in ("valid", "ntk_condition", "dss")})
+    for i, row in enumerate(rows):
+        if str(i) in values:
+            continue
+        start = time.perf_counter()
+        if variant == "super":
+            rec = compute_proxies(NAMES, superformer, row["arch"], images, cfg.proxy, labels)
+        else:
+            rec = compute_proxies(NAMES, scratch_model(row["arch"], PROXY_CLASSES), None, images, cfg.proxy, labels)
+        rec["seconds"] = time.perf_counter() - start
+        values[str(i)] = rec
+        write_json(done, cache)
+        log.info("%s/%d %.1f s valid=%s", variant, i, rec["seconds"], rec["valid"])
     return done
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["compute", "report"])
-    parser.add_argument("--cache", type=Path, default=RESULTS / "proxy_fidelity_values.json")
+    parser.add_argument("--variant", choices=["scratch", "super"], help="compute: the architectures to score")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the caches and the report")
     parser.add_argument("--digits", type=Path, default=Path(os.environ.get("VITAS_DIGITS", "/tmp/vitas-digits")))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.step == "compute":
-        compute(args.cache, args.digits)
+        compute(args.variant, args.results / f"proxy_fidelity_values_{args.variant}.json", args.digits)
 
 
 if __name__ == "__main__":

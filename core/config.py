@@ -526,7 +526,7 @@ def _check_relations(cfg: Config) -> None:
     """Value relations between fields, checked when the config loads."""
     for name in ("supernet", "retrain"):
         sec = getattr(cfg, name)
-        if sec.min_lr > sec.lr:
+        if 0 < sec.lr < float("inf") and sec.min_lr > sec.lr:  # bad values: the stage's rules
             raise UserError(f"{name}.min_lr {sec.min_lr} is larger than {name}.lr {sec.lr}: the "
                             "cosine schedule would raise the learning rate")
     for name in ("macs", "params"):

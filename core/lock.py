@@ -2,10 +2,10 @@
 
 `StageLock(folder)` takes `folder/.lock` with `fcntl.flock` (exclusive, non-blocking) and writes
 the owner into it: host, pid, Slurm job id and start time. A second run into a folder that a live
-run holds is a UserError naming the holder. The kernel drops a flock when its process dies, so a
-lock file left by a killed run (a dead pid, a finished or requeued Slurm job) is simply taken over;
-its old owner is then named in a warning, or, for a Slurm job requeued under the same id, in an
-info line.
+run holds is a UserError naming the holder. A run that ends removes the file. The kernel drops a
+flock when its process dies, so a lock file left by a killed run (a dead pid, a finished or
+requeued Slurm job) is simply taken over; its old owner is then named in a warning, or, for a
+Slurm job requeued under the same id, in an info line.
 
 What it guarantees: mutual exclusion between processes on one machine, and across machines on
 NFSv4 (and NFSv3 with lockd), where Linux turns flock into a POSIX byte-range lock the server
@@ -97,12 +97,16 @@ class StageLock:
     def acquire(self) -> None:
         """Take the lock or raise UserError naming the live holder."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            previous = self._take(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                previous = self._take(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._still_linked(fd):
+                break
+            os.close(fd)  # the holder released (and removed) the file in between: take the new one
         me = owner()
         if previous and previous.get("pid") is not None and (previous.get("host"), previous.get("pid")) != (me["host"], me["pid"]):
             if me["slurm_job"] and previous.get("slurm_job") == me["slurm_job"]:
@@ -115,6 +119,15 @@ class StageLock:
         os.write(fd, (json.dumps(me) + "\n").encode())
         os.fsync(fd)
         self._fd = fd
+
+    def _still_linked(self, fd: int) -> bool:
+        """Whether `fd` is still the file at `self.path` (not one a releasing run unlinked)."""
+        try:
+            here = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
 
     def _take(self, fd: int) -> dict:
         """flock `fd` (or, where unsupported, check the recorded owner); returns the old owner."""
@@ -156,13 +169,13 @@ class StageLock:
             os.close(fd)
 
     def release(self) -> None:
-        """Empty the owner record and drop the lock (idempotent)."""
+        """Remove the lock file and drop the lock (idempotent)."""
         if self._fd is None:
             return
         try:
-            os.ftruncate(self._fd, 0)
+            self.path.unlink()  # while still holding it: a waiter then retries on a fresh file
         except OSError:
-            pass  # a full or read-only disk: the kernel still drops the flock below
+            pass  # a read-only folder: the kernel still drops the flock below
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError:

@@ -58,7 +58,7 @@ def make_stage(start_epoch: int, factor: int, patch_size: int, img_size: int) ->
     padding = max(0, math.ceil((span - stride) / 2))
     grid = (img_size + 2 * padding - span) // stride + 1  # the conv's output size
     if grid < 1:
-        raise UserError(f"vitas.retrain.retokenize: factor {factor} (stride {stride}, dilation {dilation}) "
+        raise UserError(f"retrain.retokenize: factor {factor} (stride {stride}, dilation {dilation}) "
                         f"leaves no token of a {img_size}px image")
     return Stage(start_epoch, factor, stride, dilation, padding, grid)
 
@@ -81,7 +81,7 @@ def build_schedule(rows: Sequence[Sequence[int]], patch_size: int, img_size: int
                             f"{rows[i - 1][0]}")
         stages.append(make_stage(start, factor, patch_size, img_size))
     if stages[-1].factor != 1:
-        raise UserError(f"vitas.retrain.retokenize: the last stage (from epoch {stages[-1].start_epoch}) has "
+        raise UserError(f"retrain.retokenize: the last stage (from epoch {stages[-1].start_epoch}) has "
                         f"factor {stages[-1].factor}; training must end at full resolution (factor 1)")
     return stages
 

@@ -3,18 +3,20 @@ NTK conventions (pooled features, averaged over inits), invariances, determinism
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from scipy.stats import kendalltau
 from torch import nn
 
 from vitas.core.config import ProxyConfig, load_config
 from vitas.core.errors import UserError
 from vitas.search.proxies import measures as P
-from vitas.search.proxies import zoo
+from vitas.search.proxies import ensemble, zoo
 from vitas.search.proxies.activation import nwot
 from vitas.search.proxies.gradients import layer_weights, linearised_gradients, loss_gradients
 from vitas.search.proxies.saliency import dss, snip, synflow
@@ -274,3 +276,71 @@ def test_bad_requests_are_user_errors() -> None:
         zoo.compute_proxies(["zico"], net, None, x, ProxyConfig(zico_batches=4), y)
     with pytest.raises(UserError, match="proxy.ntk_output"):
         zoo.compute_proxies(["ntk_condition"], net, None, x, ProxyConfig(ntk_output="pooled"))
+
+
+# ------------------------------------------------------------------ the ensemble
+def table(n: int = 60, seed: int = 0) -> tuple[list[dict], np.ndarray]:
+    """Records whose accuracy follows 2 log(snip) - log(kappa) plus noise; zico is noise."""
+    rng = np.random.default_rng(seed)
+    snip_, kappa = np.exp(rng.normal(size=n)), np.exp(rng.normal(size=n))
+    acc = 2 * np.log(snip_) - np.log(kappa) + 0.3 * rng.normal(size=n)
+    recs = [{"snip": float(s), "ntk_condition": float(k), "zico": float(z), "valid": True}
+            for s, k, z in zip(snip_, kappa, rng.normal(size=n))]
+    return recs, acc
+
+
+def test_rank_ensemble_by_hand() -> None:
+    """Ranks in each proxy's direction (kappa: lower is better), weighted, over the records."""
+    recs = [{"length_distortion": 3.0, "ntk_condition": 10.0}, {"length_distortion": 1.0, "ntk_condition": 100.0},
+            {"length_distortion": 2.0, "ntk_condition": None}, {"length_distortion": 2.0, "ntk_condition": 20.0}]
+    got = ensemble.rank_ensemble(["length_distortion", "ntk_condition"], [1.0, 3.0]).score(recs)
+    # valid: 0, 1, 3; L^E ranks (higher better) 3, 1, 2; kappa ranks (lower better) 3, 1, 2
+    assert got[[0, 1, 3]] == pytest.approx([(3 + 9) / 12, (1 + 3) / 12, (2 + 6) / 12])
+    assert math.isnan(got[2])
+
+
+def test_ridge_ensemble_learns_directions_and_round_trips_as_json(tmp_path) -> None:
+    recs, acc = table()
+    ens = ensemble.fit_ensemble(recs, acc, ["snip", "ntk_condition", "zico"])
+    w = dict(zip(ens.names, ens.weights))
+    assert w["snip"] > 0 > w["ntk_condition"] and abs(w["zico"]) < 0.2 * w["snip"]
+    test, acc_test = table(seed=1)
+    assert kendalltau(ens.score(test), acc_test).statistic > 0.6
+    again = ensemble.Ensemble.load(ens.save(tmp_path / "ens.json"))
+    assert json.loads((tmp_path / "ens.json").read_text())["method"] == "ridge"
+    assert np.array_equal(again.score(test), ens.score(test))
+    bad = dict(test[0], snip=-1.0)  # no log of a negative SNIP: not a number, never ranked
+    assert math.isnan(ens.score([bad])[0])
+
+
+def test_constant_proxy_gets_no_weight() -> None:
+    recs, acc = table()
+    recs = [dict(r, zico=1.5) for r in recs]
+    ens = ensemble.fit_ensemble(recs, acc, ["snip", "zico"])
+    assert ens.weights[1] == 0.0 and np.isfinite(ens.score(recs)).all()
+
+
+def test_cross_validation_never_sees_its_test_split() -> None:
+    """Replacing a fold's targets by garbage leaves that fold's out-of-fold scores unchanged (its
+    targets never reach its model) and changes the other folds' (they train on it)."""
+    recs, acc = table(40)
+    names = ["snip", "ntk_condition", "zico"]
+    scores = ensemble.cross_validated_scores(recs, acc, names, folds=5, seed=3)
+    assert np.isfinite(scores).all()
+    for test in ensemble.fold_indices(40, 5, seed=3):
+        poisoned = acc.copy()
+        poisoned[test] = np.random.default_rng(9).normal(scale=100, size=len(test))
+        again = ensemble.cross_validated_scores(recs, poisoned, names, folds=5, seed=3)
+        others = np.setdiff1d(np.arange(40), test)
+        assert np.array_equal(again[test], scores[test])
+        assert not np.allclose(again[others], scores[others])
+
+
+def test_bad_ensembles_are_user_errors(tmp_path) -> None:
+    with pytest.raises(UserError, match="unknown proxy"):
+        ensemble.rank_ensemble(["l_e"])
+    with pytest.raises(UserError, match="method"):
+        ensemble.Ensemble("mean", ["snip"], [1.0])
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read the proxy ensemble"):
+        ensemble.Ensemble.load(tmp_path / "x.json")

@@ -119,7 +119,7 @@ def test_init_from_supernet(tmp_path):
     expected = supernet.extract(ARCH).state_dict()
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
-    with pytest.raises(UserError, match="train the supernet first"):
+    with pytest.raises(UserError, match="superformer checkpoint not found"):
         supernet_weights(load_config(YAML, [f"output_dir={tmp_path / 'none'}"]), space, ARCH, 10)
     with pytest.raises(UserError, match="10-class head"):
         supernet_weights(cfg, space, space.validate(ARCH), 7)
@@ -132,7 +132,7 @@ BAD_RETRAIN = [  # (overrides, text the one error line must contain)
     (["retrain.batch_size=0"], "retrain.batch_size must be >= 1, got 0"),
     (["retrain.batch_size=-5"], "retrain.batch_size must be >= 1, got -5"),
     (["retrain.epochs=0"], "retrain.epochs must be >= 1"),
-    (["retrain.opt=bogus"], "vitas.retrain.opt: 'bogus' is not a timm optimizer"),
+    (["retrain.opt=bogus"], "retrain.opt: 'bogus' is not a timm optimizer"),
     (["retrain.opt=fancy_adamw"], "retrain.opt"),
     (["retrain.lr=-1"], "retrain.lr must be a number > 0, got -1.0"),
     (["retrain.lr=.nan"], "retrain.lr must be a number > 0, got nan"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,9 +138,14 @@ def test_a_refusal_found_while_running_leaves_the_folder_as_it_was(tiny_digits: 
 def test_regular_install_puts_only_vitas_in_site_packages(tmp_path: Path) -> None:
     """`pip install .` (not editable): only `vitas` and its metadata at the top, and an exported
     model loads through timm from that install."""
-    target = tmp_path / "site"
+    source, target = tmp_path / "src", tmp_path / "site"
+    for name in ("core", "supernet", "search", "retrain", "inference", "vitas"):  # a clean copy:
+        shutil.copytree(ROOT / name, source / name,  # pip builds in the source folder
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=600,
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=600,
                    cwd=tmp_path)
     top = sorted(p.name for p in target.iterdir() if p.name != "bin")
     assert top[0] == "vitas" and all(n.startswith("vitas-") and n.endswith(".dist-info") for n in top[1:])

@@ -191,7 +191,7 @@ def test_outputs_and_space_mismatch(tmp_path: Path, tiny_digits: Path,
 
 
 BAD_SUPERNET = [  # (override, text the one error line must contain)
-    ("supernet.opt=bogus", "vitas.supernet.opt: 'bogus' is not a timm optimizer"),
+    ("supernet.opt=bogus", "supernet.opt: 'bogus' is not a timm optimizer"),
     ("supernet.batch_size=0", "supernet.batch_size must be >= 1, got 0"),
     ("supernet.lr=-1", "supernet.lr must be a number > 0"),
     ("supernet.min_lr=.nan", "supernet.min_lr"),

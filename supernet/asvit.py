@@ -19,7 +19,6 @@ As-ViT's code's pre-logits layer (linear + tanh; optional) and the linear classi
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -78,12 +77,15 @@ def stage_heads(num_heads: int) -> list[int]:
 def check_asvit_arch(arch: dict, width_cap: Optional[int] = WIDTH_CAP) -> dict:
     """A plain-int copy of a hierarchical architecture whose fields are consistent on their own
     (no space needed): ValueError naming the field otherwise."""
-    if not isinstance(arch, dict) or not isinstance(arch.get("stages"), list):
+    if not isinstance(arch, dict) or not isinstance(arch.get("stages"), list) or not {
+            "embed_dim", "num_heads"} <= set(arch):
         raise ValueError("an As-ViT architecture is a dict with 'embed_dim', 'num_heads' and 'stages'")
     if len(arch["stages"]) != STAGES:
         raise ValueError(f"architecture field 'stages' has {len(arch['stages'])} entries, As-ViT has {STAGES}")
     out = {"embed_dim": int(arch["embed_dim"]), "num_heads": int(arch["num_heads"]), "stages": []}
     for i, stage in enumerate(arch["stages"]):
+        if not isinstance(stage, dict) or not set(STAGE_KEYS) <= set(stage):
+            raise ValueError(f"architecture field 'stages[{i}]' needs the fields {list(STAGE_KEYS)}")
         out["stages"].append({k: int(stage[k]) for k in STAGE_KEYS})
         for k in STAGE_KEYS:
             if out["stages"][i][k] < 1:

@@ -131,6 +131,15 @@ def test_widths_double_and_cap_heads_follow_the_last_stage():
     assert odd.stages[0].blocks[0].attn.qkv.out_features == 3 * 32
 
 
+def test_model_refuses_inconsistent_architectures():
+    arch = topology()
+    del arch["stages"][2]["expansion"]
+    with pytest.raises(ValueError, match=r"'stages\[2\]' needs the fields"):
+        AsViT(arch)
+    with pytest.raises(ValueError, match="'num_heads' must be a multiple of 8"):
+        AsViT(topology(heads=20))
+
+
 # ------------------------------------------------------------------------------ window attention
 def reference_attention(attn: WindowAttention, tokens: torch.Tensor) -> torch.Tensor:
     """Plain softmax attention over all of `tokens` (B, N, C) with `attn`'s weights."""

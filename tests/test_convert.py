@@ -26,8 +26,10 @@ from vitas.cli import main
 from vitas.core.config import ChannelsConfig, Config, SpaceConfig, config_from_dict, load_config
 from vitas.core.errors import UserError
 from vitas.inference.convert import convert, convert_file, load_any_checkpoint
+from vitas.inference.convert.common import single_arch_space
 from vitas.inference.evaluate import evaluate_checkpoint
 from vitas.supernet.complexity import arch_cost
+from vitas.supernet.checkpoint import read_superformer
 from vitas.supernet.model import Superformer
 from vitas.supernet.pretrained import init_from_timm
 from vitas.supernet.space import SearchSpace
@@ -240,6 +242,16 @@ def test_autoformer_supernet_becomes_a_superformer(tmp_path: Path, arch: dict):
         assert (model(x) - autoformer_reference(w, arch, x)).abs().max() < 1e-6
 
 
+def test_converted_superformer_is_read_like_a_trained_one(tmp_path: Path):
+    autoformer_file(tmp_path / "supernet.pth")
+    cfg = Config(space=autoformer_space())
+    converted, out = convert_file(tmp_path / "supernet.pth", tmp_path / "superformer.pth", cfg=cfg)
+    cfg.supernet.checkpoint = str(out)
+    model, info = read_superformer(cfg, SearchSpace(cfg.space), num_classes=5)  # what search reads
+    assert (info.weights, info.epoch, info.num_classes) == ("raw", 10, 5)
+    assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in converted.checkpoint["model"].items())
+
+
 @pytest.mark.xfail(strict=True, reason="Superformer slices the q, k and v biases separately; AutoFormer "
                    "takes bias[:3a] (needs a prefix-bias option in supernet/model.py, see the report)")
 def test_autoformer_superformer_fewer_heads(tmp_path: Path):
@@ -329,6 +341,9 @@ def nni_file(path: Path, heads: list[int], embed: int = 64, mlp: tuple[int, ...]
 
 def nni_reference(w: dict, heads: list[int], x: torch.Tensor) -> torch.Tensor:
     """NNI's AutoFormer maths: separate q, k, v; 64-wide heads; tables reaching 4; eps 1e-5; mean."""
+    def tables(b: str, r: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return w[f"{b}attn.rel_pos_embed_{r}.embeddings_table_v"], w[f"{b}attn.rel_pos_embed_{r}.embeddings_table_h"]
+
     model = {"patch": 4, "conv_w": w["patch_embed.weight"], "conv_b": w["patch_embed.bias"],
              "cls": w["cls_token.cls_token"], "pos": w["pos_embed.pos_embed"], "eps": 1e-5, "final_eps": 1e-5,
              "pool": "mean", "norm": (w["norm.weight"], w["norm.bias"]), "head": (w["head.weight"], w["head.bias"]),
@@ -339,8 +354,7 @@ def nni_reference(w: dict, heads: list[int], x: torch.Tensor) -> torch.Tensor:
         model["layers"].append({
             "heads": h, "scale": 64 ** -0.5, "rel_index": rel_index(4, 4),
             "q": pair(b + "attn.q"), "k": pair(b + "attn.k"), "v": pair(b + "attn.v"), "proj": pair(b + "attn.proj"),
-            "rel_k": (w[b + "attn.rel_pos_embed_k.embeddings_table_v"], w[b + "attn.rel_pos_embed_k.embeddings_table_h"]),
-            "rel_v": (w[b + "attn.rel_pos_embed_v.embeddings_table_v"], w[b + "attn.rel_pos_embed_v.embeddings_table_h"]),
+            "rel_k": tables(b, "k"), "rel_v": tables(b, "v"),
             "norm1": pair(b + "attn_layer_norm"), "norm2": pair(b + "ffn_layer_norm"),
             "fc1": pair(b + "fc1"), "fc2": pair(b + "fc2")})
     return reference(model, x)
@@ -586,6 +600,23 @@ def test_published_autoformer_subnets_fit_their_spaces(name: str, params: int):
     arch = json.loads((ROOT / "yamls" / "archs" / f"autoformer-{name}.json").read_text())
     assert space.validate(arch) == arch
     assert arch_cost(arch, space, 1000).params == params
+
+
+@pytest.mark.parametrize("name,budget", [("vitas-A-858M", 858e6), ("vitas-B-1.0G", 1.0e9),
+                                         ("vitas-1.3G-block", 1.3e9), ("vitas-E-2.7G", 2.7e9),
+                                         ("vitas-F-4.9G", 4.9e9)])
+def test_vitas_architecture_files_cost_what_vitas_published(name: str, budget: float):
+    """ViTAS's count (patch tokens only, the classifier on every token) of the shipped files is
+    its published budget; vitas's own count equals the model's parameters."""
+    arch = json.loads((ROOT / "yamls" / "archs" / f"{name}.json").read_text())
+    E, T = arch["embed_dim"], (224 // arch["patch_size"]) ** 2
+    vitas_count = T * 3 * arch["patch_size"] ** 2 * E + T * E * 1000 + sum(
+        T * (4 * a * E + 2 * E * m) + 2 * T * T * a for a, m in zip(arch["attn_dim"], arch["mlp_dim"]))
+    assert abs(vitas_count / budget - 1) < 0.015
+    with torch.device("meta"):
+        model = StaticViT(arch, 1000, 224, final_norm_eps=1e-5, attn_scale="embed_dim")
+    space = SearchSpace(single_arch_space(model.model_args, name, 1e-6))
+    assert arch_cost(space.validate(arch), space, 1000).params == sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- the commands

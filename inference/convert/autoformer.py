@@ -162,7 +162,8 @@ def to_superformer(src: Foreign, cfg: Config) -> tuple[dict, list[str]]:
     space = _check_space(sup, cfg, src)
     w = t.weights
     stem = f"stems.{sup.patch}."
-    state = {stem + "proj.weight": w["patch_embed_super.proj.weight"], stem + "proj.bias": w["patch_embed_super.proj.bias"],
+    state = {stem + "proj.weight": w["patch_embed_super.proj.weight"],
+             stem + "proj.bias": w["patch_embed_super.proj.bias"],
              stem + "cls_token": w["cls_token"], stem + "pos_embed": w["pos_embed"]}
     for i in range(sup.depth):
         b = f"blocks.{i}."

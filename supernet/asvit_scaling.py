@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from vitas.supernet.asvit import STAGES
 
@@ -68,16 +68,19 @@ def candidates(arch: dict, ratios: Sequence[float] = RATIOS) -> list[dict]:
 
 
 def grow(seed: dict, measure: Callable[[dict], dict], choose: Callable[[list[dict]], int],
-         param_limit: int) -> Iterator[dict]:
+         param_limit: int, start: Optional[dict] = None) -> Iterator[dict]:
     """Algorithm 2's loop: yields the seed's record, then each step's chosen record, until the
     parameter count reaches `param_limit` (the last one may exceed it).
 
     `measure(arch)` returns a record with at least "params" (and whatever `choose` ranks by);
     `choose(records)` the index of the chosen candidate, or -1 when none can be chosen (the loop
     then stops). Records gain "arch", "step" and, after the seed, "choice" {"stage", "ratio"} and
-    "candidates" (every candidate's record)."""
-    current = {"step": 0, "arch": seed, "choice": None, **measure(seed)}
-    yield current
+    "candidates" (every candidate's record). `start`, a record this loop yielded before, resumes
+    after it (nothing re-measured; `seed` is then unused)."""
+    current = start
+    if current is None:
+        current = {"step": 0, "arch": seed, "choice": None, **measure(seed)}
+        yield current
     while current["params"] < param_limit:
         cands = [{**c, **measure(c["arch"])} for c in candidates(current["arch"])]
         best = choose(cands)

@@ -382,20 +382,26 @@ def test_grow_with_the_proxies_stops_at_the_parameter_limit():
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     cfg = ProxyConfig(inits=1, thetas=4, ntk_images=4)
 
-    def measure(arch: dict) -> dict:
-        scores = proxy_scores(AsViT(**sp.model_args(arch, 10)), None, images, cfg, curvature=False)
-        return {**scores, "params": sp.cost(arch, 10).params}
+    measured: dict[str, dict] = {}  # the proxies are a function of the architecture: measure each once
 
-    seed = scaling_seed(parse_genotype(TABLE4["seed"][0]))
-    limit = int(sp.cost(seed, 10).params * 1.6)
+    def measure(arch: dict) -> dict:
+        key = sp.key(arch)
+        if key not in measured:
+            scores = proxy_scores(AsViT(**sp.model_args(arch, 10)), None, images, cfg, curvature=False)
+            measured[key] = {**scores, "params": sp.cost(arch, 10).params}
+        return dict(measured[key])
+
+    seed = scaling_seed(dict(parse_genotype(TABLE4["seed"][0]), num_heads=16), embed_dim=16)  # small: fast
+    limit = int(sp.cost(seed, 10).params * 2.5)
     steps = list(grow(seed, measure, best_choice, limit))
     params = [s["params"] for s in steps]
-    assert len(steps) >= 2 and params == sorted(set(params))  # strictly growing
+    assert len(steps) >= 3 and params == sorted(set(params))  # strictly growing
     assert params[-2] < limit <= params[-1]
     for prev, step in zip(steps, steps[1:]):
         assert step["arch"] == step["candidates"][best_choice(step["candidates"])]["arch"]
         assert sum(s["depth"] for s in step["arch"]["stages"]) == sum(s["depth"] for s in prev["arch"]["stages"]) + 1
     assert list(grow(seed, measure, best_choice, params[0])) == steps[:1]  # at the limit already
+    assert list(grow(seed, measure, best_choice, limit, start=steps[1])) == steps[2:]  # resumed
 
 
 # ------------------------------------------------------------------------------ proxies and export

@@ -19,9 +19,8 @@ from vitas.core.config import Config
 from vitas.core.errors import UserError
 from vitas.inference.convert import autoformer, nni, timm_vit, vitas_release
 from vitas.inference.convert.detect import LAYOUTS, Layout, detect
-from vitas.inference.convert.load import Foreign, read_entries
+from vitas.inference.convert.load import Foreign, foreign, read_entries, read_foreign
 from vitas.inference.hub import resolve_checkpoint
-from vitas.supernet.pretrained import weights_of
 
 __all__ = ["LAYOUTS", "Converted", "convert", "convert_file", "convert_foreign", "load_any_checkpoint"]
 
@@ -84,9 +83,7 @@ def convert_foreign(src: Foreign, layout: Optional[str] = None, arch: Any = None
 def convert(path: str | os.PathLike, layout: Optional[str] = None, arch: Any = None,
             heads: Optional[int] = None, cfg: Optional[Config] = None) -> Converted:
     """Read and convert the checkpoint file at `path` (see `convert_foreign`)."""
-    entries = read_entries(path)
-    where, weights = weights_of(entries, str(path))
-    return convert_foreign(Foreign(Path(path).expanduser(), entries, where, weights), layout, arch, heads, cfg)
+    return convert_foreign(read_foreign(path), layout, arch, heads, cfg)
 
 
 def convert_file(src: str | os.PathLike, out: str | os.PathLike, layout: Optional[str] = None, arch: Any = None,
@@ -111,5 +108,4 @@ def load_any_checkpoint(path_or_url: str, sha256: Optional[str] = None, cache: O
     entries = read_entries(path)
     if isinstance(entries, dict) and ("model_args" in entries or "space" in entries):
         return entries
-    where, weights = weights_of(entries, str(path_or_url))
-    return convert_foreign(Foreign(Path(path), entries, where, weights), arch=arch, heads=heads).checkpoint
+    return convert_foreign(foreign(path, entries), arch=arch, heads=heads).checkpoint

@@ -30,10 +30,10 @@ def provenance(src: Foreign, layout: str) -> dict:
 
 
 def resolve_arch(found: dict, source: str, arch: Optional[dict] = None, heads: Optional[int] = None,
-                 default_heads: Optional[Sequence[int]] = None) -> dict:
+                 default_heads: Optional[Sequence[int]] = None, hint: str = "") -> dict:
     """The architecture of a foreign model whose tensors gave `found` (every field but num_heads):
     head counts from `arch` (whose other fields must agree with the tensors), else `heads` in
-    every layer, else `default_heads`; a UserError when none says."""
+    every layer, else `default_heads`; a UserError (ending in `hint`) when none says."""
     if arch is not None:
         if not isinstance(arch, dict):
             raise UserError("--arch must be a JSON object")
@@ -48,7 +48,7 @@ def resolve_arch(found: dict, source: str, arch: Optional[dict] = None, heads: O
         num_heads = default_heads
     if num_heads is None:
         raise UserError(f"{source} does not record its head counts: give them with --heads N (every "
-                        "layer) or --arch ARCH.json")
+                        f"layer) or --arch ARCH.json{hint}")
     try:
         return check_arch({**found, "num_heads": list(num_heads)})
     except (ValueError, TypeError) as exc:

@@ -71,9 +71,13 @@ def read_entries(path: str | os.PathLike) -> Any:
         raise UserError(f"cannot read checkpoint {path}: {first}") from None
 
 
-def read_foreign(path: str | os.PathLike) -> Foreign:
-    """Read a checkpoint file and find its weights (`model`, `state_dict`, `module` or bare)."""
-    path = Path(path).expanduser()
-    entries = read_entries(path)
+def foreign(path: str | os.PathLike, entries: Any) -> Foreign:
+    """The read file `path` as a Foreign checkpoint: its weights found among `entries` (under
+    `model`, `state_dict`, `module`, or a bare state dict)."""
     where, weights = weights_of(entries, str(path))
-    return Foreign(path=path, entries=entries, where=where, weights=weights)
+    return Foreign(path=Path(path).expanduser(), entries=entries, where=where, weights=weights)
+
+
+def read_foreign(path: str | os.PathLike) -> Foreign:
+    """Read a checkpoint file as a Foreign checkpoint."""
+    return foreign(path, read_entries(path))

@@ -74,9 +74,13 @@ def to_static(src: Foreign, arch: Optional[dict] = None, heads: Optional[int] = 
         raise UserError(f"{src.source}: tensor 'blocks.0.attn.{NNI_TABLES[0]}' has {rel_rows} rows, "
                         "expected 2 x max distance + 2")
     found = {"patch_size": p, "embed_dim": E, "depth": depth, "attn_dim": attn, "mlp_dim": mlp}
-    default = heads_by_convention(attn, src.source, head_dim) if arch is None and heads is None else None
+    notes, default = [], None
+    if arch is None and heads is None:
+        default = heads_by_convention(attn, src.source, head_dim)
+        if not rel:
+            notes.append("head counts taken from NNI's default 64-wide heads; give --heads or --arch otherwise")
     arch = resolve_arch(found, src.source, arch=arch, heads=heads, default_heads=default)
     model_args = dict(arch=arch, num_classes=K, img_size=grid * p, in_chans=C, qkv_bias=qkv_bias, rel_pos=rel,
                       rel_pos_max=(rel_rows - 2) // 2 if rel else 14, pool="mean", norm_eps=NORM_EPS,
                       final_norm_eps=NORM_EPS)
-    return static_checkpoint(src, NAME, model_args, state, cfg), []
+    return static_checkpoint(src, NAME, model_args, state, cfg), notes

@@ -90,7 +90,8 @@ def to_static(src: Foreign, arch: Optional[dict] = None, heads: Optional[int] = 
     state["head.weight"], state["head.bias"] = t.get(fc + "weight", (K, E)), t.get(fc + "bias", (K,))
     t.finish("the ViTAS layout")
     found = {"patch_size": p, "embed_dim": E, "depth": len(attn), "attn_dim": attn, "mlp_dim": mlp}
-    arch = resolve_arch(found, src.source, arch=arch, heads=heads)
+    arch = resolve_arch(found, src.source, arch=arch, heads=heads,
+                        hint=" (ViTAS's released models: yamls/archs/vitas-*.json)")
     model_args = dict(arch=arch, num_classes=K, img_size=grid * p, in_chans=C, qkv_bias=True, pool="cls",
                       norm_eps=1e-6, final_norm_eps=1e-5, attn_scale="embed_dim")
     return static_checkpoint(src, NAME, model_args, state, cfg, interpolation="bilinear"), []

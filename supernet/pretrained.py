@@ -235,9 +235,9 @@ def _place(dst: torch.Tensor, src: torch.Tensor, *index: Optional[torch.Tensor])
     dst[grids] = src.to(dst.dtype)
 
 
-def _check_fits(vit: TimmViT, model: nn.Module, source: str) -> None:
-    """UserError naming the tensor whose width or size the superformer's space does not offer."""
-    space, c = model.space, model.space.cfg
+def _check_fits(vit: TimmViT, space: Any, source: str) -> None:
+    """UserError naming the tensor whose width or size the SearchSpace `space` does not offer."""
+    c = space.cfg
     if vit.patch_size not in space.patch_sizes:
         raise UserError(f"{source}: tensor 'patch_embed.proj.weight' has patch size {vit.patch_size}; "
                         f"space.patch_size offers {space.patch_sizes}")
@@ -266,15 +266,20 @@ def _check_fits(vit: TimmViT, model: nn.Module, source: str) -> None:
                             f"{vit.embed_dim} the space offers {space.allowed_mlp(vit.embed_dim)}")
 
 
+def _read_plain_vit(weights: dict[str, torch.Tensor], source: str) -> TimmViT:
+    t = Tensors(weights, source)
+    vit = read_timm_vit(t)
+    t.finish("a plain timm VisionTransformer")
+    return vit
+
+
 def superformer_state_from_timm(model: nn.Module, weights: dict[str, torch.Tensor],
                                 source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """`model`'s state dict (a Superformer) with a timm ViT's weights placed on the channels that
     the subnet of the same widths uses under each channel policy; returns it with notes on what
     keeps the subnet from computing exactly what the pretrained model computes."""
-    t = Tensors(weights, source)
-    vit = read_timm_vit(t)
-    t.finish("a plain timm VisionTransformer")
-    _check_fits(vit, model, source)
+    vit = _read_plain_vit(weights, source)
+    _check_fits(vit, model.space, source)
     c = model.space.cfg
     notes: list[str] = []
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -338,6 +343,13 @@ def superformer_state_from_timm(model: nn.Module, weights: dict[str, torch.Tenso
     if c.channels.bilateral:
         notes.append("bilateral dimensions: the weights sit on the left pass")
     return state, notes
+
+
+def check_timm_init(path: str | os.PathLike, space: Any) -> None:
+    """UserError unless the timm/DeiT file at `path` can start a superformer of the SearchSpace
+    `space` (what `supernet.init` needs; no superformer is built)."""
+    _, weights = weights_of(read_weights_file(path), str(path))
+    _check_fits(_read_plain_vit(weights, str(path)), space, str(path))
 
 
 def init_from_timm(model: nn.Module, path: str | os.PathLike) -> list[str]:

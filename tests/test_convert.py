@@ -31,7 +31,7 @@ from vitas.inference.evaluate import evaluate_checkpoint
 from vitas.supernet.complexity import arch_cost
 from vitas.supernet.checkpoint import read_superformer
 from vitas.supernet.model import Superformer
-from vitas.supernet.pretrained import init_from_timm
+from vitas.supernet.pretrained import check_timm_init, init_from_timm
 from vitas.supernet.space import SearchSpace
 from vitas.supernet.static import StaticViT
 
@@ -551,6 +551,9 @@ def test_superformer_init_resizes_head_and_refuses_other_grids(tmp_path: Path):
         init_from_timm(Superformer(deit_space("left", img_size=32), 10), tmp_path / "deit.pth")
     with pytest.raises(UserError, match=r"'cls_token' has width 128; space.embed_dim offers \[64, 96\]"):
         init_from_timm(Superformer(deit_space("left", embed_dim=[64, 96]), 10), tmp_path / "deit.pth")
+    check_timm_init(tmp_path / "deit.pth", deit_space("cyclic"))  # the stage's check, no superformer built
+    with pytest.raises(UserError, match=r"'blocks.0.mlp.fc1.weight' has MLP width 256"):
+        check_timm_init(tmp_path / "deit.pth", deit_space("left", mlp_dim=[128, 192]))
 
 
 # ----------------------------------------------------------------------------- safety and detection

@@ -171,13 +171,33 @@ def _refusal(message: str) -> str:
     return "it is not a checkpoint of tensors and plain values (another format, or a pickle that may run code)"
 
 
+def nonfinite_tensors(tensors: dict[str, Any]) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or Inf (nested dicts searched),
+    or None."""
+    for key, value in tensors.items():
+        if isinstance(value, dict):
+            found = nonfinite_tensors(value)
+            if found is not None:
+                return f"{key}.{found}"
+        elif torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return str(key)
+    return None
+
+
 def model_weights(ckpt: dict, source: str | os.PathLike, ema: bool = False) -> dict:
-    """The raw weights of a checkpoint, or with `ema` its EMA weights (a UserError without them)."""
-    if not ema:
-        return ckpt["model"]
-    if ckpt.get("ema") is None:
+    """The raw weights of a checkpoint, or with `ema` its EMA weights (a UserError without them),
+    checked to be a mapping of finite tensors."""
+    key = "ema" if ema else "model"
+    if ema and ckpt.get("ema") is None:
         raise UserError(f"{source} has no EMA weights (it was trained with EMA off); drop --ema")
-    return ckpt["ema"]
+    weights = ckpt.get(key)
+    if not isinstance(weights, dict):
+        raise UserError(f"{source}: entry '{key}' is {'missing' if weights is None else 'a ' + type(weights).__name__}, "
+                        "expected a mapping of tensors")
+    bad = nonfinite_tensors(weights)
+    if bad is not None:
+        raise UserError(f"{source}: tensor {bad} is not finite (the training diverged)")
+    return weights
 
 
 def check_space(recorded: dict, current: dict, path: str | os.PathLike = "checkpoint") -> None:

@@ -40,7 +40,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitas.core import dist
-from vitas.core.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vitas.core.checkpoint import (load_checkpoint, nonfinite_tensors, rng_state, save_checkpoint,
+                                   set_rng_state)
 from vitas.core.config import FieldRule, check_fields
 from vitas.core.errors import UserError
 from vitas.core.logs import RunLogger, progress
@@ -123,19 +124,6 @@ def check_resume(state: Any, section: TrainSection, path: Path, name: str) -> No
         raise UserError(f"{path} has already trained {state['epoch']} epochs, more than "
                         f"{section.epochs} asked ({name}.epochs); ask for at least "
                         f"{state['epoch']} or use a new output_dir")
-
-
-def nonfinite_tensors(tensors: dict[str, Any]) -> Optional[str]:
-    """The name of the first floating-point tensor holding NaN or Inf (nested dicts searched),
-    or None."""
-    for key, value in tensors.items():
-        if isinstance(value, dict):
-            found = nonfinite_tensors(value)
-            if found is not None:
-                return f"{key}.{found}"
-        elif torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return str(key)
-    return None
 
 
 class Diverged(UserError):

@@ -15,6 +15,7 @@ from torch import nn
 from vitas.core.config import ProxyConfig, load_config
 from vitas.core.data import write_digits
 from vitas.core.errors import UserError
+from vitas.core.stage import execute
 from vitas.search.proxies import measures as P
 from vitas.search import runner
 from vitas.search.scoring.proxy import ProxyScorer
@@ -190,20 +191,20 @@ def test_proxy_scorer_fitness(tmp_path, digits) -> None:
     fit = ProxyScorer(scorer_cfg(tmp_path, digits)).fitness(recs)
     assert list(fit[[0, 1, 3]]) == [-2.0, -6.0, -4.0]  # rank sums 1+1, 3+3, 2+2
     assert fit[2] < -6.0
-    weighted = ProxyScorer(scorer_cfg(tmp_path, digits, "search.proxy_combine=weighted"))
+    weighted = ProxyScorer(scorer_cfg(tmp_path, digits, "proxy.combine=weighted"))
     fit = weighted.fitness(recs)
     expect = [math.log(3) - math.log(10), math.log(1) - math.log(100), None, math.log(2) - math.log(20)]
     assert fit[0] == pytest.approx(expect[0]) and fit[3] == pytest.approx(expect[3])
     assert fit[2] < min(fit[0], fit[1], fit[3])
-    with pytest.raises(UserError, match="proxy_combine"):
-        ProxyScorer(scorer_cfg(tmp_path, digits, "search.proxy_combine=mean"))
+    with pytest.raises(UserError, match="proxy.combine must be one of"):
+        ProxyScorer(scorer_cfg(tmp_path, digits, "proxy.combine=mean"))
 
 
 @pytest.mark.parametrize("algorithm", ["rl", "ga"])
 def test_search_with_proxy_scorer_end_to_end(tmp_path, digits, algorithm: str) -> None:
     cfg = scorer_cfg(tmp_path, digits, "search.scorer=proxy", f"search.algorithm={algorithm}",
                      "search.steps=3", "search.population=3", "search.generations=1")
-    summary = runner.run(cfg)
+    summary = execute(runner.STAGE, cfg)
     result = json.loads((tmp_path / "search" / "result.json").read_text())
     assert summary["scores"]["valid"] is True
     assert summary["scores"]["length_distortion"] > 0 and summary["scores"]["ntk_condition"] > 1
@@ -213,11 +214,11 @@ def test_search_with_proxy_scorer_end_to_end(tmp_path, digits, algorithm: str) -
 def test_proxy_search_resumed_with_other_proxy_settings_is_refused(tmp_path, digits) -> None:
     """Cached L^E summed over 4 angles must not be ranked against L^E over 8."""
     args = ("search.scorer=proxy", "search.algorithm=ga", "search.population=3")
-    runner.run(scorer_cfg(tmp_path, digits, *args, "search.generations=1"))
+    execute(runner.STAGE, scorer_cfg(tmp_path, digits, *args, "search.generations=1"))
     more = scorer_cfg(tmp_path, digits, *args, "search.generations=2", "proxy.thetas=8")
     with pytest.raises(UserError, match="proxy.thetas=4"):
-        runner.run(more)
-    runner.run(scorer_cfg(tmp_path, digits, *args, "search.generations=2"))  # same settings: continues
+        execute(runner.STAGE, more)
+    execute(runner.STAGE, scorer_cfg(tmp_path, digits, *args, "search.generations=2"))  # continues
 
 
 def test_vitas_proxy_cli(tmp_path, digits, capsys) -> None:
@@ -262,8 +263,9 @@ def test_best_choice_rank_sum() -> None:
 
 def test_scale_writes_trajectory_and_resumes(tmp_path, digits) -> None:
     seed = {"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": [2], "attn_dim": [16], "mlp_dim": [32]}
-    cfg = scorer_cfg(tmp_path, digits, "proxy.scaling_param_limit=12000")
-    traj = scale(cfg, seed)
+    cfg = scorer_cfg(tmp_path, digits, "scale.param_limit=12000")
+    path = tmp_path / "scale" / "trajectory.json"
+    traj = scale(cfg, seed, path)
     steps = traj["steps"]
     assert steps[0]["arch"] == seed and len(steps) >= 2
     assert steps[-1]["params"] >= 12000 > steps[-2]["params"]
@@ -271,21 +273,21 @@ def test_scale_writes_trajectory_and_resumes(tmp_path, digits) -> None:
     assert [s["arch"]["depth"] for s in steps] == list(range(1, len(steps) + 1))
     on_disk = json.loads((tmp_path / "scale" / "trajectory.json").read_text())
     assert on_disk["steps"][-1]["arch"] == steps[-1]["arch"]
-    cfg2 = scorer_cfg(tmp_path, digits, "proxy.scaling_param_limit=12000")
-    assert scale(cfg2, seed)["steps"] == on_disk["steps"]  # nothing recomputed
+    cfg2 = scorer_cfg(tmp_path, digits, "scale.param_limit=12000")
+    assert scale(cfg2, seed, path)["steps"] == on_disk["steps"]  # nothing recomputed
 
 
 def test_submit_scale_runs_the_stage_from_the_config(tmp_path, digits, capsys) -> None:
-    """`vitas submit scale` (local executor) grows proxy.scaling_seed_arch; without a seed,
+    """`vitas submit scale` (local executor) grows scale.seed_arch; without a seed,
     `vitas scale` is a one-line error."""
     seed = {"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": [2], "attn_dim": [16], "mlp_dim": [32]}
     (tmp_path / "seed.json").write_text(json.dumps(seed))
     common = ["-c", str(DEMO), f"output_dir={tmp_path / 'run'}", f"data.root={digits}", "proxy.inits=1",
-              "proxy.thetas=4", "proxy.ntk_images=4", "proxy.scaling_param_limit=8000"]
-    code = cli_main(["submit", "scale", *common, f"proxy.scaling_seed_arch={tmp_path / 'seed.json'}",
+              "proxy.thetas=4", "proxy.ntk_images=4", "scale.param_limit=8000"]
+    code = cli_main(["submit", "scale", *common, f"scale.seed_arch={tmp_path / 'seed.json'}",
                      "launch.executor=local", "--wait"])
     assert code == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["state"] == "completed"
     steps = json.loads((tmp_path / "run" / "scale" / "trajectory.json").read_text())["steps"]
     assert steps[0]["arch"] == seed and steps[-1]["params"] >= 8000 > steps[-2]["params"]
     assert cli_main(["scale", *common]) == 2
-    assert "proxy.scaling_seed_arch is not set" in capsys.readouterr().err
+    assert "scale.seed_arch is not set" in capsys.readouterr().err

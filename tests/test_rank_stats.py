@@ -95,3 +95,19 @@ def test_fidelity_bundles_every_statistic() -> None:
     f = stats.fidelity(score, target, cost=np.arange(40), bands=4, top_k=5, n_resamples=200)
     assert set(f) == {"kendall", "spearman", "kendall_banded", "spearman_banded", "top5_overlap", "regret"}
     assert f["spearman"]["estimate"] > f["kendall"]["estimate"] > 0
+
+
+def test_difference_to_a_baseline_is_paired_and_banded() -> None:
+    rng = np.random.default_rng(2)
+    cost = np.arange(60, dtype=float)
+    target = cost / 20 + rng.normal(size=60)
+    good = target + 0.3 * rng.normal(size=60)
+    d = stats.correlation_difference(good, cost, target, n_resamples=300)
+    expect = kendalltau(good, target).statistic - kendalltau(cost, target).statistic
+    assert d["estimate"] == pytest.approx(expect) and d["low"] < d["estimate"] < d["high"] and d["low"] > 0
+    banded = stats.correlation_difference(good, cost, target, cost=cost, bands=3, n_resamples=300)
+    per = [stats.banded_correlation(x, target, cost, bands=3, n_resamples=10)["estimate"] for x in (good, cost)]
+    assert banded["estimate"] == pytest.approx(per[0] - per[1])
+    same = stats.correlation_difference(cost, cost, target, n_resamples=100)
+    assert same["estimate"] == same["low"] == same["high"] == 0.0
+    assert stats.correlation_difference([1.0] * 60, cost, target)["estimate"] is None

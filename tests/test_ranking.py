@@ -20,7 +20,7 @@ from vitas.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "yamls" / "demo-digits.yaml"
-FAST = ["proxy.inits=1", "proxy.thetas=4", "proxy.ntk_images=4", "proxy.rank_archs=3"]
+FAST = ["proxy.inits=1", "proxy.thetas=4", "proxy.ntk_images=4", "rank.archs=3"]
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +82,14 @@ def test_vitas_rank_writes_csv_table_and_plots(demo_run, capsys) -> None:
     assert (rank_dir / "inherited_top1_vs_proxies.png").stat().st_size > 1000
 
 
-GROUND_TRUTH = [*FAST, "retrain.batch_size=32", "data.workers=0", "retrain.warmup_epochs=0"]
+GROUND_TRUTH = [*FAST, "retrain.batch_size=32", "data.workers=0", "retrain.warmup_epochs=0",
+                "rank.ground_truth_epochs=1"]
 
 
 def rank_ground_truth(out: Path, data: Path, *overrides: str) -> dict:
     """`ranking.rank` with one epoch of real from-scratch training per architecture."""
     cfg = load_config(DEMO, [f"output_dir={out}", f"data.root={data}", *GROUND_TRUTH, *overrides])
-    return ranking.rank(cfg, ground_truth_epochs=1)
+    return ranking.rank(cfg, Path(cfg.output_dir) / "rank")
 
 
 @pytest.fixture(scope="module")

@@ -33,16 +33,18 @@ def tiny_cfg(base: Path, out: Path, *overrides: str):
     """Demo config on the tiny data set (7 hold-out images per class: 70, odd shards over 2 ranks)."""
     return load_config(DEMO, [f"output_dir={out}", f"data.root={base / 'digits'}",
                               "data.holdout_per_class=7", "search.batch_size=16",
-                              f"search.checkpoint={base / 'supernet.pth'}", *SEARCH, *overrides])
+                              f"supernet.checkpoint={base / 'supernet.pth'}", *SEARCH, *overrides])
 
 
 def worker(base: Path, out: Path) -> None:
     """One rank: the whole `vitas search` stage, then this rank's own (un-broadcast) scores."""
     from vitas.core import dist
+    from vitas.core.stage import execute
+    from vitas.search.runner import STAGE
     from vitas.search.scoring.accuracy import AccuracyScorer
-    from vitas.search.runner import run
 
-    summary = run(tiny_cfg(base, out))
+    dist.init_distributed()  # joined here, so execute leaves the group to this worker
+    summary = execute(STAGE, tiny_cfg(base, out))
     scorer = AccuracyScorer(tiny_cfg(base, out))
     archs = [scorer.space.sample(np.random.default_rng(i)) for i in range(4)]
     own = scorer.compute(archs)  # no cache, no broadcast: this rank's all-reduced numbers
@@ -64,9 +66,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def single_process(base: Path, out: Path, *overrides: str) -> dict:
-    from vitas.search.runner import run
+    from vitas.core.stage import execute
+    from vitas.search.runner import STAGE
 
-    run(tiny_cfg(base, out, *overrides))
+    execute(STAGE, tiny_cfg(base, out, *overrides))
     return json.loads((out / "search" / "result.json").read_text())
 
 

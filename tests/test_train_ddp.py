@@ -29,7 +29,8 @@ def worker(cfg_path: Path, out: Path) -> None:
     from vitas.core.engine import Trainer
     from vitas.supernet.model import Superformer
     from vitas.supernet.space import SearchSpace
-    from vitas.supernet.train import train
+    from vitas.core.stage import execute
+    from vitas.supernet.train import STAGE
 
     cfg = load_config(cfg_path)
     space = SearchSpace(cfg.space)
@@ -41,8 +42,8 @@ def worker(cfg_path: Path, out: Path) -> None:
         set_active(self, arch, side)
 
     Superformer.set_active = recording  # type: ignore[method-assign]
-    info = dist.init_distributed()
-    train(cfg, info)
+    info = dist.init_distributed()  # joined here, so execute leaves the group to this worker
+    execute(STAGE, cfg)
     Superformer.set_active = set_active  # type: ignore[method-assign]
     gathered: list = [None] * info.world_size
     torch.distributed.all_gather_object(gathered, calls)

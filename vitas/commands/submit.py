@@ -15,9 +15,9 @@ import json
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from vitas.core.errors import UserError
-from vitas.core.launch import check_entry, resolve_executor, submit_stage, wait_result
+from vitas.core.launch import check_entry, resolve_entry, resolve_executor, submit_stage, wait_result
 from vitas.core.layout import run_layout
-from vitas.core.stage import preflight
+from vitas.core.stage import Stage, preflight
 from vitas.stages import STAGES, add_stage_args, get_stage, stage_config
 
 
@@ -63,7 +63,9 @@ def _submit(args: argparse.Namespace) -> int:
     _check_module(entry)
     cfg = stage_config(args, stage)
     executor = resolve_executor(cfg.launch)
-    preflight(stage, cfg)  # the same refusals as `vitas STAGE`, before anything is queued
+    target = resolve_entry(entry)
+    if isinstance(target, Stage):  # the same refusals as `vitas STAGE`, before anything is queued
+        preflight(target, cfg)
     job = submit_stage(cfg, stage.folder, entry)
     logs = run_layout(cfg.output_dir).stage(stage.folder) / "submitit"
     launch = cfg.launch

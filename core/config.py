@@ -113,6 +113,9 @@ class SpaceConfig:
     rel_pos_max: int = at_least(14, 1)
     pool: str = choice("cls", "cls", "mean")
     qkv_bias: bool = True
+    # How a narrower attention slices an entangled qkv bias: `groups` takes the first channels of
+    # each of q, k and v; `prefix` takes bias[:3a] as AutoFormer does (left attention only).
+    qkv_bias_slice: str = choice("groups", "groups", "prefix")
     norm_eps: Optional[float] = None  # LayerNorm eps; None: timm's 1e-6 (AutoFormer's spaces: torch's 1e-5)
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
 

@@ -38,6 +38,7 @@ from vitas.retrain.retokenize import ElasticTokenViT, apply_stage, build_schedul
 from vitas.supernet.checkpoint import inspect_superformer, read_superformer
 from vitas.supernet.complexity import arch_cost
 from vitas.supernet.space import SearchSpace, load_arch
+from vitas.supernet.static import full_model_args
 
 log = logging.getLogger("vitas.retrain")
 
@@ -51,13 +52,6 @@ def read_arch(cfg: Config) -> dict:
             raise UserError(f"architecture file not found: {source} (run the search first, or "
                             "pass --arch FILE)")
     return SearchSpace(cfg.space).validate(load_arch(source, "retrain.arch"))
-
-
-def static_args(arch: dict, space: SearchSpace, classes: int) -> dict:
-    """StaticViT constructor arguments of `arch` in `space` (what the checkpoint records)."""
-    c = space.cfg
-    return dict(arch=arch, num_classes=classes, img_size=c.img_size, in_chans=c.in_chans,
-                qkv_bias=c.qkv_bias, rel_pos=c.rel_pos, rel_pos_max=c.rel_pos_max, pool=c.pool)
 
 
 def supernet_weights(cfg: Config, space: SearchSpace, arch: dict, classes: int) -> dict:
@@ -112,7 +106,7 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
     mixup = create_mixup(cfg.data, classes)
     check_mixup_batch(mixup, "retrain.batch_size", sec.batch_size, info.world_size)
 
-    model = ElasticTokenViT(**static_args(arch, space, classes), drop_path=sec.drop_path)
+    model = ElasticTokenViT(**space.model_args(arch, classes), drop_path=sec.drop_path)
     if sec.init == "supernet":
         model.load_state_dict(supernet_weights(cfg, space, arch, classes))
     extra = {"arch": arch, "model_args": model.model_args, "config": cfg.to_dict(),
@@ -126,7 +120,8 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
     def check(state: dict) -> None:
         """Refuse another space or architecture; take over the saved val metrics."""
         space.check_spec(state.get("space", {}), str(trainer.path))
-        if state.get("model_args") != model.model_args:
+        saved = state.get("model_args")
+        if not isinstance(saved, dict) or full_model_args(saved) != model.model_args:
             raise UserError(f"{trainer.path} was trained for another architecture or data set; "
                             "use a new output directory")
         last.update(state.get("val") or {})

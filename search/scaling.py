@@ -30,7 +30,6 @@ from vitas.core.data import check_data_source, num_classes
 from vitas.core.errors import UserError
 from vitas.core.layout import SCALE, run_layout
 from vitas.core.stage import Option, Stage, StageContext
-from vitas.retrain.train import static_args
 from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores
 from vitas.supernet.complexity import arch_cost
 from vitas.supernet.space import SearchSpace, load_arch, space_from_config
@@ -115,7 +114,7 @@ class Scaler:
     def measure(self, arch: dict) -> dict:
         """Proxies (L^E, kappa, valid), params and MACs of a static `arch`."""
         with torch.random.fork_rng(devices=[]):  # the constructor's own init is re-drawn anyway
-            model = StaticViT(**static_args(arch, self.space, self.classes))
+            model = StaticViT(**self.space.model_args(arch, self.classes))
         scores = proxy_scores(model, None, self.images, self.cfg.proxy, curvature=False)
         cost = arch_cost(arch, self.space, self.classes)
         return {k: v for k, v in scores.items() if k != "curvature"} | {"params": cost.params, "macs": cost.macs}

@@ -15,9 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from vitas.core.checkpoint import load_checkpoint
+from vitas.core.checkpoint import load_checkpoint, nonfinite_tensors
 from vitas.core.config import Config
-from vitas.core.engine import nonfinite_tensors
 from vitas.core.errors import UserError
 from vitas.core.layout import run_layout
 from vitas.supernet.model import Superformer

@@ -51,9 +51,10 @@ class SuperAttention(nn.Module):
     """Elastic multi-head attention: entangled qkv or private q/k per head count + shared v."""
 
     def __init__(self, embed_dim: int, attn_dim: int, head_choices: list[int], qk: str, qkv_bias: bool,
-                 rel_pos: bool, head_dim: Optional[int], rel_pos_max: int):
+                 rel_pos: bool, head_dim: Optional[int], rel_pos_max: int, bias_prefix: bool = False):
         super().__init__()
         self.private = qk == "private"
+        self.bias_prefix = bias_prefix  # AutoFormer: bias[:3a], not the first a of each of q, k, v
         if self.private:
             self.q = nn.ModuleDict({str(h): ElasticLinear(embed_dim, attn_dim, qkv_bias) for h in head_choices})
             self.k = nn.ModuleDict({str(h): ElasticLinear(embed_dim, attn_dim, qkv_bias) for h in head_choices})
@@ -85,7 +86,10 @@ class SuperAttention(nn.Module):
     def active_qkv(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The active fused [q; k; v] (weight, bias), as a static qkv Linear holds it."""
         if not self.private:
-            return self.qkv.active_weight()
+            weight, bias = self.qkv.active_weight()
+            if self.bias_prefix and bias is not None:
+                bias = self.qkv.bias[: weight.shape[0]]
+            return weight, bias
         parts = [lin.active_weight() for lin in self._qkv_layers()]
         bias = None if parts[0][1] is None else torch.cat([b for _, b in parts])
         return torch.cat([w for w, _ in parts]), bias
@@ -113,10 +117,10 @@ class SuperBlock(nn.Module):
         super().__init__()
         c = space.cfg
         E = space.super_embed_dim
-        self.norm1 = ElasticLayerNorm(E)
+        self.norm1 = ElasticLayerNorm(E, eps=space.norm_eps)
         self.attn = SuperAttention(E, space.super_attn_dim, space.head_choices, c.qk, c.qkv_bias,
-                                   c.rel_pos, c.head_dim, c.rel_pos_max)
-        self.norm2 = ElasticLayerNorm(E)
+                                   c.rel_pos, c.head_dim, c.rel_pos_max, c.qkv_bias_slice == "prefix")
+        self.norm2 = ElasticLayerNorm(E, eps=space.norm_eps)
         self.mlp = Mlp(E, space.super_mlp_dim, linear=ElasticLinear)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -151,7 +155,7 @@ class Superformer(ExplicitAttention, nn.Module):
         depth = space.super_depth
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(SuperBlock(space, rates[i]) for i in range(depth))
-        self.norm = ElasticLayerNorm(E)
+        self.norm = ElasticLayerNorm(E, eps=space.norm_eps)
         self.head = ElasticLinear(E, num_classes)
         self.policies = {
             dim: ChannelPolicy(getattr(c.channels, dim), space.super_width(dim), space.widths(dim))
@@ -239,12 +243,6 @@ class Superformer(ExplicitAttention, nn.Module):
         return self.head(x)
 
     # ------------------------------------------------------------------ extraction
-    def static_args(self, arch: dict) -> dict:
-        """StaticViT constructor arguments of `arch` in this superformer."""
-        c = self.space.cfg
-        return dict(arch=self.space.canonical(arch), num_classes=self.num_classes, img_size=c.img_size,
-                    in_chans=c.in_chans, qkv_bias=c.qkv_bias, rel_pos=c.rel_pos,
-                    rel_pos_max=c.rel_pos_max, pool=c.pool)
 
     @torch.no_grad()
     def extract(self, arch: Optional[dict] = None, side: Optional[str] = None) -> StaticViT:
@@ -258,7 +256,7 @@ class Superformer(ExplicitAttention, nn.Module):
             side = self._side if arch is None else "left"
         self.set_active(arch if arch is not None else self._arch, side)
         try:
-            static = StaticViT(**self.static_args(self._arch))
+            static = StaticViT(**self.space.model_args(self._arch, self.num_classes))
             static.load_state_dict(self._active_state_dict())
             static.explicit_attention = self.explicit_attention
         finally:

@@ -99,6 +99,9 @@ class SearchSpace:
         for p in c.patch_size:
             if c.img_size % p:
                 raise UserError(f"space.patch_size {p} does not divide space.img_size {c.img_size}")
+        if c.qkv_bias_slice == "prefix" and (c.qk != "entangled" or c.channels.attn != "left"):
+            raise UserError("space.qkv_bias_slice=prefix needs entangled q/k (space.qk) and the "
+                            "'left' policy on space.channels.attn (it is AutoFormer's slicing)")
         if c.rel_pos and c.head_dim is None:
             raise UserError("space.rel_pos needs a fixed space.head_dim (its tables are head_dim wide)")
 
@@ -395,8 +398,23 @@ class SearchSpace:
         return dataclasses.asdict(self.cfg)
 
     def check_spec(self, recorded: dict, where: str = "checkpoint") -> None:
-        """UserError naming the differing field when `recorded` is another space."""
-        check_space(_flatten(recorded), _flatten(self.spec()), where)
+        """UserError naming the differing field when `recorded` is another space. A field the
+        record lacks (written before the field existed) counts as its default."""
+        full = {**_flatten(dataclasses.asdict(SpaceConfig())), **_flatten(recorded)}
+        check_space(full, _flatten(self.spec()), where)
+
+    @property
+    def norm_eps(self) -> float:
+        """The LayerNorms' eps (timm's 1e-6 unless the space sets one, e.g. AutoFormer's 1e-5)."""
+        return self.cfg.norm_eps if self.cfg.norm_eps is not None else 1e-6
+
+    def model_args(self, arch: dict, num_classes: int) -> dict:
+        """The static model's constructor arguments for `arch` (what checkpoints record)."""
+        c = self.cfg
+        return dict(arch=self.canonical(arch), num_classes=num_classes, img_size=c.img_size,
+                    in_chans=c.in_chans, qkv_bias=c.qkv_bias, rel_pos=c.rel_pos,
+                    rel_pos_max=c.rel_pos_max, pool=c.pool, norm_eps=self.norm_eps,
+                    final_norm_eps=self.norm_eps)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

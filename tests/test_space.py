@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vitas.core.config import ChannelsConfig, SpaceConfig, load_config
+from vitas.core.config import SpaceConfig, config_from_dict, load_config
 from vitas.core.errors import UserError
 from vitas.supernet.complexity import arch_cost
 from vitas.supernet.space import SearchSpace
@@ -90,7 +90,7 @@ def test_params_range_beyond_max_arch_is_feasible():
     ({"embed_dim": 200}, r"'embed_dim' is 200; allowed values: \[192, 216, 240\]"),
     ({"num_heads": [3] * 11}, r"'num_heads' has 11 entries, depth is 12"),
     ({"attn_dim": [256] + [192] * 11}, r"'attn_dim\[0\]' is 256 \(for num_heads 3\); allowed values: \[192\]"),
-    ({"mlp_dim": [100] * 12}, r"'mlp_dim\[0\]' is 100; allowed values: \[672, 768\]"),
+    ({"mlp_dim": [100] * 12}, r"'mlp_dim\[0\]' is 100; allowed values: \[576, 672, 768\]"),
     ({"depth": 11}, r"'depth' is 11; allowed values: \[12, 13, 14\]"),
     ({"color": 1}, r"unknown field"),
 ])
@@ -142,8 +142,10 @@ def test_space_config_errors():
         SearchSpace(SpaceConfig(attn_dim=[64], head_dim=64, mlp_ratio=[4.0]))
     with pytest.raises(UserError, match="does not divide"):
         SearchSpace(SpaceConfig(patch_size=[15], head_dim=64, mlp_ratio=[4.0]))
-    with pytest.raises(UserError, match="channels.embed must be one of"):
-        SearchSpace(SpaceConfig(head_dim=64, mlp_ratio=[4.0], channels=ChannelsConfig(embed="round")))
+    with pytest.raises(UserError, match="space.channels.embed must be one of left, bilateral, cyclic"):
+        config_from_dict({"space": {"head_dim": 64, "mlp_ratio": [4.0], "channels": {"embed": "round"}}})
+    with pytest.raises(UserError, match="qkv_bias_slice=prefix needs entangled q/k"):
+        SearchSpace(SpaceConfig(head_dim=64, mlp_ratio=[4.0], qk="private", qkv_bias_slice="prefix"))
 
 
 class FakeCost:

@@ -133,6 +133,7 @@ def _check_space(sup: Supernet, cfg: Config, src: Foreign) -> SearchSpace:
                             "its weights from the left, so every dimension must be 'left'")
     settings = (("qk", c.qk, "entangled"), ("qkv_bias", c.qkv_bias, True), ("pool", c.pool, sup.pool),
                 ("rel_pos", c.rel_pos, sup.rel_pos_max is not None), ("norm_eps", c.norm_eps, NORM_EPS),
+                ("qkv_bias_slice", c.qkv_bias_slice, "prefix"),
                 ("patch_size", c.patch_size, [sup.patch]), ("in_chans", c.in_chans, sup.in_chans))
     for key, value, wanted in settings:
         if value != wanted:

@@ -10,6 +10,8 @@ nothing, and its estimate is None.
 - `banded_correlation`: the same inside K equal-count bands of a cost (where a search under a
   budget actually chooses): the band-size-weighted mean of the per-band correlations, its
   interval resampling architectures within each band (stratified).
+- `correlation_difference`: by how much a score beats a baseline (#params) on the same
+  architectures, globally or within bands, with a paired bootstrap interval.
 - `top_k_overlap`, `regret`: what picking by the score would have given.
 """
 from __future__ import annotations
@@ -110,6 +112,36 @@ def banded_correlation(score: Values, target: Values, cost: Values, bands: int =
     if out["estimate"] is not None:
         out["low"], out["high"] = _interval(tuple(g for g in groups if len(g)), weighted, confidence,
                                             n_resamples, seed)
+    return out
+
+
+def correlation_difference(score: Values, baseline: Values, target: Values, cost: Optional[Values] = None,
+                           bands: int = 4, method: str = "kendall", confidence: float = 0.95,
+                           n_resamples: int = 2000, seed: int = 0) -> dict:
+    """How much better `score` ranks the target than `baseline` (e.g. #params) on the same
+    architectures (both valid): {"estimate", "low", "high", "n"} of corr(score) - corr(baseline),
+    globally or, with `cost`, of the banded correlations; a paired bootstrap (within bands) interval."""
+    stat = METHODS[method]
+    ok = valid_mask(score, target) & valid_mask(baseline, target)
+    s, b, t = as_array(score), as_array(baseline), as_array(target)
+    out = {"estimate": None, "low": None, "high": None, "n": int(ok.sum())}
+    if is_degenerate(s[ok]) or is_degenerate(b[ok]) or is_degenerate(t[ok]) or ok.sum() < 3:
+        return out
+    if cost is None:
+        groups = [np.flatnonzero(ok)]
+    else:
+        groups = [band[ok[band]] for band in cost_bands(cost, bands)]
+    groups = [g for g in groups if len(g)]
+
+    def diff(*idx: np.ndarray) -> float:
+        pairs = [(stat(s[i], t[i]) - stat(b[i], t[i]), len(i)) for i in idx
+                 if len(i) >= 3 and not (is_degenerate(s[i]) or is_degenerate(b[i]) or is_degenerate(t[i]))]
+        pairs = [(d, n) for d, n in pairs if math.isfinite(d)]
+        return float(sum(d * n for d, n in pairs) / sum(n for _, n in pairs)) if pairs else math.nan
+
+    out["estimate"] = _nan_none(diff(*groups))
+    if out["estimate"] is not None:
+        out["low"], out["high"] = _interval(tuple(groups), diff, confidence, n_resamples, seed)
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from vitas.stages import STAGES, add_stage_args, get_stage, records, stage_config
 
@@ -26,8 +27,9 @@ def _run(args: argparse.Namespace) -> None:
     from vitas.core.stage import execute
 
     stage = get_stage(args.stage_name)
+    dist.export_env()  # the rank is known before execute joins (and, at the end, leaves) the group
     summary = execute(stage, stage_config(args, stage), record=records(args, stage))
-    if dist.get_rank() == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         for line in stage.report(summary) if stage.report else ():
             print(line)
         print(json.dumps(stage.stdout_summary(summary)), flush=True)

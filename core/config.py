@@ -271,6 +271,8 @@ class InferenceConfig:
     cache_dir: Optional[str] = None
     batch_size: int = at_least(256, 1)
     split: str = "val"  # the folder of data.root to evaluate on
+    arch: Optional[str] = None  # a foreign checkpoint's architecture, where the file does not say
+    heads: Optional[int] = None  # a foreign checkpoint's head count, where the file does not say
     ema: bool = False  # evaluate the checkpoint's EMA weights instead of its raw ones
 
 

@@ -26,8 +26,10 @@ from vitas.core.errors import UserError
 from vitas.core.layout import EVALUATE, run_layout
 from vitas.core.stage import Option, Stage, StageContext
 from vitas.core.metrics import evaluate_accuracy
-from vitas.inference.hub import is_url, load_remote
-from vitas.supernet.static import StaticViT
+from vitas.inference.convert import load_any_checkpoint
+from vitas.inference.hub import is_url
+from vitas.supernet.space import load_arch
+from vitas.supernet.static import StaticViT, full_model_args
 
 
 class LoadedModel(NamedTuple):
@@ -55,9 +57,11 @@ def _load_exported(folder: Path) -> LoadedModel:
 
 
 def load_model(path_or_url: str, sha256: Optional[str] = None, cache: Optional[str] = None,
-               device: torch.device | str = "cpu", ema: bool = False) -> LoadedModel:
-    """A retrain checkpoint (file or URL; its EMA weights with `ema`) or an exported folder,
-    ready for inference on `device`."""
+               device: torch.device | str = "cpu", ema: bool = False, arch: Optional[str] = None,
+               heads: Optional[int] = None) -> LoadedModel:
+    """A retrain checkpoint (file or URL; its EMA weights with `ema`), a foreign one (AutoFormer,
+    ViTAS, NNI, timm/DeiT: converted in memory by `vitas.inference.convert`, `arch`/`heads` where
+    the file does not say) or an exported folder, ready for inference on `device`."""
     local = Path(path_or_url).expanduser()
     if not is_url(path_or_url) and local.is_dir():
         if ema:
@@ -65,7 +69,8 @@ def load_model(path_or_url: str, sha256: Optional[str] = None, cache: Optional[s
                             "--ema applies to checkpoints")
         loaded = _load_exported(local)
     else:
-        ckpt = load_remote(path_or_url, sha256, cache)
+        ckpt = load_any_checkpoint(path_or_url, sha256, cache,
+                                   arch=load_arch(arch, "inference.arch") if arch else None, heads=heads)
         if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
             raise UserError(f"{path_or_url} is not a retrain checkpoint (no 'model'/'model_args'); "
                             "export a superformer subnet first with `vitas export --arch`")
@@ -73,7 +78,7 @@ def load_model(path_or_url: str, sha256: Optional[str] = None, cache: Optional[s
             raise UserError(f"{path_or_url} is not a retrain checkpoint: 'model_args' and 'config' "
                             "must be mappings")
         try:
-            model = StaticViT(**ckpt["model_args"])
+            model = StaticViT(**full_model_args(ckpt["model_args"]))
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise UserError(f"{path_or_url}: its model_args do not describe a model ({exc})") from None
         try:
@@ -99,13 +104,15 @@ def check_classes(loaded: LoadedModel, names: list[str], root: str) -> None:
 
 def evaluate_checkpoint(path_or_url: str, data_root: str, sha256: Optional[str] = None,
                         cache: Optional[str] = None, batch_size: int = 256, workers: int = 2,
-                        split: str = "val", ema: bool = False) -> dict:
+                        split: str = "val", ema: bool = False, arch: Optional[str] = None,
+                        heads: Optional[int] = None, broken_images: str = "error") -> dict:
     """`{"top1", "top5", "images"}` (percent) on `data_root/<split>`, summed over all ranks.
 
     `batch_size` is the global batch: each of W processes takes `ceil(batch_size / W)` images.
     """
-    loaded = load_model(path_or_url, sha256, cache, dist.default_device(), ema)
-    data = dataclasses.replace(loaded.data, root=str(data_root), workers=workers)
+    loaded = load_model(path_or_url, sha256, cache, dist.default_device(), ema, arch, heads)
+    data = dataclasses.replace(loaded.data, root=str(data_root), workers=workers,
+                               broken_images=broken_images)
     check_classes(loaded, class_names(data), str(data_root))
     dataset = build_dataset(data, split, loaded.img_size, is_training=False)
     per_rank = max(1, -(-batch_size // dist.get_world_size()))
@@ -133,9 +140,10 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     """Stage entry (`vitas evaluate`, `vitas submit evaluate`): the checkpoint on `data.root`'s
     split; a recorded run also writes `<output_dir>/evaluate/result.json`."""
     checkpoint = checkpoint_source(cfg)
-    result = evaluate_checkpoint(checkpoint, cfg.data.root, cfg.inference.sha256,
-                                 cfg.inference.cache_dir, cfg.inference.batch_size, cfg.data.workers,
-                                 cfg.inference.split, ema=cfg.inference.ema)
+    inf = cfg.inference
+    result = evaluate_checkpoint(checkpoint, cfg.data.root, inf.sha256, inf.cache_dir, inf.batch_size,
+                                 cfg.data.workers, inf.split, ema=inf.ema, arch=inf.arch,
+                                 heads=inf.heads, broken_images=cfg.data.broken_images)
     if ctx.record and dist.is_main():
         write_json({"checkpoint": checkpoint, "data": cfg.data.root, **result},
                    ctx.layout.evaluate_result)
@@ -159,6 +167,10 @@ STAGE = Stage(
                "$VITAS_CACHE_DIR or ~/.cache/vitas)"),
         Option("--split", "inference.split", "folder to evaluate on (default: val)"),
         Option("--ema", "inference.ema", "evaluate the checkpoint's EMA weights", is_flag=True),
+        Option("--arch", "inference.arch", "a foreign checkpoint's architecture where the file does "
+               "not say (arch.json or inline JSON)", metavar="FILE_OR_JSON"),
+        Option("--heads", "inference.heads", "a foreign checkpoint's head count where the file does "
+               "not say", metavar="N"),
     ),
     help="top-1/top-5 of a trained model on a val split",
     description="Evaluate a retrain checkpoint (a file, or an http(s)/file URL downloaded into "

@@ -9,32 +9,31 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vitas.core.config import DataConfig
-from vitas.core.data import build_transform, class_names
+from vitas.core.data import build_transform, class_names, open_image
 from vitas.core.errors import UserError
 from vitas.inference.evaluate import check_classes, load_model
 
 
 def _read(path: str) -> Image.Image:
-    """An image as RGB; missing or unreadable files are UserErrors."""
+    """An image as RGB, read as training reads images (16-bit scaled, bombs refused); missing or
+    unreadable files are UserErrors."""
     if not Path(path).is_file():
         raise UserError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+    return open_image(Path(path))
 
 
 @torch.no_grad()
 def predict(path_or_url: str, images: Sequence[str], data_root: Optional[str] = None, topk: int = 5,
-            sha256: Optional[str] = None, cache: Optional[str] = None, ema: bool = False) -> list[dict]:
-    """For each image `{"image", "topk": [{"class", "index", "prob"}, ...]}`, most likely first."""
+            sha256: Optional[str] = None, cache: Optional[str] = None, ema: bool = False,
+            arch: Optional[str] = None, heads: Optional[int] = None) -> list[dict]:
+    """For each image `{"image", "topk": [{"class", "index", "prob"}, ...]}`, most likely first
+    (`arch`/`heads`: a foreign checkpoint's architecture where the file does not say)."""
     if not images:
         raise UserError("no images given")
-    loaded = load_model(path_or_url, sha256, cache, ema=ema)
+    loaded = load_model(path_or_url, sha256, cache, ema=ema, arch=arch, heads=heads)
     outputs = loaded.model.num_classes
     names = loaded.class_names
     if data_root:

@@ -27,7 +27,7 @@ from timm.data import Mixup
 
 from vitas.core import dist
 from vitas.core.checkpoint import load_checkpoint
-from vitas.core.config import Config
+from vitas.core.config import Config, require_file
 from vitas.core.data import (build_splits, check_data_source, check_mixup_batch, create_loader,
                              create_loss, create_mixup, num_classes, split_settings)
 from vitas.core.engine import (Trainer, check_recipe, check_resume, check_same_across_ranks,
@@ -38,6 +38,7 @@ from vitas.core.logs import RunLogger
 from vitas.core.metrics import evaluate_accuracy
 from vitas.core.stage import Stage, StageContext
 from vitas.supernet.model import Superformer
+from vitas.supernet.pretrained import check_timm_init, init_from_timm
 from vitas.supernet.space import SearchSpace
 _STEP_STREAM, _VAL_STREAM = 1, 2  # separate seed streams: per-step subnets, validation subnets
 
@@ -96,6 +97,8 @@ def check(cfg: Config) -> None:
         raise UserError("supernet.distill needs supernet.sampling=sandwich (the max subnet teaches)")
     space = SearchSpace(cfg.space)
     check_data_source(cfg.data, holdout=True)
+    if sec.init:
+        check_timm_init(require_file(sec.init, "supernet.init"), space)
     path = run_layout(cfg.output_dir).supernet_checkpoint
     if path.is_file():
         state = load_checkpoint(path, mmap=True)
@@ -186,6 +189,9 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     criterion = create_loss(cfg.data, mixup is not None)
 
     model = Superformer(space, n_classes, drop_path=sec.drop_path)
+    if sec.init:  # before the Trainer, so an EMA starts from the pretrained weights too
+        for note in init_from_timm(model, sec.init):
+            log.info("supernet.init: %s", note)
     trainer = Trainer(model, sec, loader.batch_sampler.steps_per_epoch, out_dir, info.device,
                       extra_state={"config": cfg.to_dict(), "space": space.spec(),
                                    "num_classes": n_classes, "split": split_settings(cfg.data)})

@@ -18,6 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache-dir", help="download cache (default: $VITAS_CACHE_DIR or ~/.cache/vitas)")
     parser.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    parser.add_argument("--arch", metavar="FILE_OR_JSON",
+                        help="a foreign checkpoint's architecture where the file does not say")
+    parser.add_argument("--heads", type=int, metavar="N",
+                        help="a foreign checkpoint's head count where the file does not say")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.set_defaults(func=_predict)
 
@@ -29,7 +33,7 @@ def _predict(args: argparse.Namespace) -> None:
     if args.topk < 1:
         raise UserError(f"--topk must be >= 1, got {args.topk}")
     results = predict(args.checkpoint, args.images, args.data, args.topk, args.sha256, args.cache_dir,
-                      args.ema)
+                      args.ema, args.arch, args.heads)
     for item in results:
         print(item["image"])
         for rank, hit in enumerate(item["topk"], 1):

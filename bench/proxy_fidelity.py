@@ -7,12 +7,13 @@ Two steps, both resumable:
     nice -n 10 nohup python bench/proxy_fidelity.py compute --variant super > super.log &
     python bench/proxy_fidelity.py report
 
-`compute` scores each architecture with every proxy of `search.proxies.zoo` under the default
-`proxy.*` settings (5 re-drawn initialisations, 10 angles, 16 images, As-ViT's NTK on the pooled
-features averaged over the inits), at 224 px (the benchmark's `MODEL.IMG_SIZE`, patch 16), and
-caches the values per architecture in bench/results/proxy_fidelity_values_<variant>.json
-(rewritten atomically after each; a rerun continues). Each target is scored on the architecture that was
-trained for it:
+`compute` scores each architecture with every proxy of `search.proxies.zoo` but curvature (see
+STUDY_NAMES) under the default `proxy.*` settings (5 re-drawn initialisations, 10 angles, 16
+images, As-ViT's NTK on the pooled features averaged over the inits) at 224 px (the benchmark's
+`MODEL.IMG_SIZE`, patch 16). It runs one initialisation at a time over all architectures and
+caches each per-init record in bench/results/proxy_fidelity_values_<variant>.json (rewritten
+atomically after each; a rerun continues); `report` averages the inits every architecture has.
+Each target is scored on the architecture that was trained for it:
 - `scratch` (the six `*_base`/`*_kd` targets, trained from scratch): attention width = embedding
   width (head_dim = embed / heads), no relative positions, mean pooling, as the benchmark's
   `AutoFormerSub`; a plain StaticViT re-drawn whole per init.
@@ -24,12 +25,14 @@ ImageNet is available here), resized to 224 px without cropping, with their 10 l
 #params and MACs are counted with the head each target was trained with (100, 102, 4, 1000).
 
 `report` computes Kendall tau and Spearman rho with 95% bootstrap intervals of every score
-against every target, globally and within equal-count MACs bands (`search.ranking.stats`),
-top-k overlap and regret, plus two ensembles fixed before any result was seen: `ensemble_rank`
-(equal-weight rank aggregation of the seven non-cost proxies in their papers' directions, no
-fitting) and `ensemble_ridge` (ridge regression on every proxy, #params and MACs, fitted per
-target with 10-fold cross-validation: each architecture is scored by a model that never saw
-it). Writes bench/results/proxy_fidelity.json and prints the table.
+against every target, globally and within 4 equal-count MACs bands (`search.ranking.stats`),
+the difference to #params with a paired interval, top-10 overlap and regret, for every proxy,
+As-ViT's L^E + kappa rank sum, and ensembles fixed before any proxy value was seen: `ensemble_rank`
+(equal-weight rank aggregation of the seven proxies with a published direction, nothing fitted)
+and three ridges fitted per target with 10-fold cross-validation, so that each architecture is
+scored by a model that never saw it: on #params and MACs (`cost_ridge`), on the seven proxies
+(`proxy_ridge`), on both (`ensemble_ridge`). Writes bench/results/proxy_fidelity.json and prints
+the tables (BENCH_RESAMPLES bootstrap resamples, default 2000).
 """
 from __future__ import annotations
 
@@ -67,6 +70,9 @@ TARGETS = ("c100_base", "c100_kd", "flower_base", "flower_kd", "chaoyang_base", 
 # Fixed before any result was seen: the zero-fit ensemble takes every proxy with a published
 # better-direction (not curvature, whose direction is assumed, nor the two cost baselines).
 RANK_NAMES = ("length_distortion", "ntk_condition", "dss", "zico", "snip", "synflow", "nwot")
+# Fitted (10-fold cross-validated) ridges: on the cost baselines alone, on the proxies alone, on
+# both; the first tells how much of a fitted ensemble's gain a fit of #params and MACs gives.
+RIDGES = {"cost_ridge": ("params", "macs"), "proxy_ridge": RANK_NAMES, "ensemble_ridge": RANK_NAMES + ("params", "macs")}
 BANDS, FOLDS, TOP_K = 4, 10, 10
 # Curvature is left out: its float64 pass would add a third to the study's CPU time, it is not a
 # search proxy, and As-ViT found no use for it.
@@ -165,7 +171,8 @@ def scores_of(records: list[dict], acc: list[float]) -> dict[str, np.ndarray]:
            for n in STUDY_NAMES}
     out["asvit_rank"] = ensemble.rank_ensemble(["length_distortion", "ntk_condition"]).score(records)
     out["ensemble_rank"] = ensemble.rank_ensemble(RANK_NAMES).score(records)
-    out["ensemble_ridge"] = ensemble.cross_validated_scores(records, acc, STUDY_NAMES, folds=FOLDS, seed=0)
+    for name, features in RIDGES.items():
+        out[name] = ensemble.cross_validated_scores(records, acc, features, folds=FOLDS, seed=0)
     return out
 
 

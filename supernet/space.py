@@ -408,10 +408,18 @@ class SearchSpace:
         """The LayerNorms' eps (timm's 1e-6 unless the space sets one, e.g. AutoFormer's 1e-5)."""
         return self.cfg.norm_eps if self.cfg.norm_eps is not None else 1e-6
 
+    def cost(self, arch: dict, num_classes: int) -> Any:
+        """Params and MACs (`supernet.complexity.Cost`) of a valid `arch` with a `num_classes`-way
+        head: `supernet.complexity.arch_cost`, the call every kind of space answers."""
+        from vitas.supernet.complexity import arch_cost  # complexity imports this module (its type hints)
+
+        return arch_cost(arch, self, num_classes)
+
     def model_args(self, arch: dict, num_classes: int) -> dict:
-        """The static model's constructor arguments for `arch` (what checkpoints record)."""
+        """The static model's constructor arguments for a canonical `arch` (what checkpoints
+        record); `arch` may lie outside the space's choices (auto-scaling grows beyond them)."""
         c = self.cfg
-        return dict(arch=self.canonical(arch), num_classes=num_classes, img_size=c.img_size,
+        return dict(arch=arch, num_classes=num_classes, img_size=c.img_size,
                     in_chans=c.in_chans, qkv_bias=c.qkv_bias, rel_pos=c.rel_pos,
                     rel_pos_max=c.rel_pos_max, pool=c.pool, norm_eps=self.norm_eps,
                     final_norm_eps=self.norm_eps)
@@ -427,6 +435,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def space_from_config(cfg: Any) -> SearchSpace:
-    """The SearchSpace of a full `Config` (its `space` section)."""
-    return SearchSpace(cfg.space)
+# The space class of each `space.kind`. Other kinds register themselves when their module is
+# imported (`supernet.asvit_space` adds "asvit"; the package's __init__ imports it), so this
+# module never imports them.
+SPACE_KINDS: dict[str, Callable[[SpaceConfig], Any]] = {"vit": SearchSpace}
+
+
+def register_space_kind(kind: str, space_class: Callable[[SpaceConfig], Any]) -> None:
+    """Make `space_from_config` build `space_class(cfg.space)` for `space.kind: <kind>`."""
+    SPACE_KINDS[kind] = space_class
+
+
+def space_from_config(cfg: Any) -> Any:
+    """The space of a full `Config` (its `space` section): a `SearchSpace` for flat ViTs, an
+    `AsVitSpace` for `space.kind: asvit`. Both offer validate, canonical, key, sample,
+    sample_in_range, cost_span, the genome, spec/check_spec, model_args and cost."""
+    kind = cfg.space.kind
+    if kind not in SPACE_KINDS:
+        raise UserError(f"space.kind {kind!r} is not a known kind of space; kinds: {sorted(SPACE_KINDS)}")
+    return SPACE_KINDS[kind](cfg.space)

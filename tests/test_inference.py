@@ -95,7 +95,7 @@ def test_predict_names_from_checkpoint_and_errors(setup):
     with pytest.raises(UserError, match="image not found"):
         predict(str(ckpt), [str(tmp / "missing.png")])
     (tmp / "not-an-image.png").write_text("hello")
-    with pytest.raises(UserError, match="cannot read image"):
+    with pytest.raises(UserError, match="not-an-image.png cannot be decoded"):
         predict(str(ckpt), [str(tmp / "not-an-image.png")])
 
 

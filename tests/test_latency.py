@@ -191,23 +191,23 @@ def test_measure_prints_the_documented_fields(capsys) -> None:
 def test_measure_timing_counts_and_precisions() -> None:
     space = tiny_space()
     arch = space.max_arch()
-    timing = measure_arch(arch, space.cfg, 10, LatencySetting(warmup=1, repeats=3, rounds=2, batch_size=2))
+    timing = measure_arch(arch, space, 10, LatencySetting(warmup=1, repeats=3, rounds=2, batch_size=2))
     assert len(timing.samples_ms) == 6 and timing.median_ms > 0
-    bf16 = measure_arch(arch, space.cfg, 10, LatencySetting(warmup=0, repeats=1, rounds=1, precision="bf16"))
+    bf16 = measure_arch(arch, space, 10, LatencySetting(warmup=0, repeats=1, rounds=1, precision="bf16"))
     assert bf16.median_ms > 0
 
 
 def test_impossible_settings_are_user_errors() -> None:
     space = tiny_space()
     with pytest.raises(UserError, match="latency.clock=cpu"):
-        measure_arch(space.max_arch(), space.cfg, 10, LatencySetting(clock="cpu", threads=2))
+        measure_arch(space.max_arch(), space, 10, LatencySetting(clock="cpu", threads=2))
     with pytest.raises(UserError, match="latency.backend"):
         load_config(DEMO, ["latency.backend=tensorrt"])
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         with pytest.raises(UserError, match="pip install"):
-            measure_arch(space.max_arch(), space.cfg, 10, LatencySetting(backend="onnx"))
+            measure_arch(space.max_arch(), space, 10, LatencySetting(backend="onnx"))
 
 
 def test_cli_build_then_predict(tmp_path, capsys) -> None:
@@ -230,7 +230,7 @@ def test_onnx_backend_when_installed() -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     space = tiny_space()
-    timing = measure_arch(space.max_arch(), space.cfg, 10, LatencySetting(backend="onnx", warmup=0, repeats=2, rounds=1))
+    timing = measure_arch(space.max_arch(), space, 10, LatencySetting(backend="onnx", warmup=0, repeats=2, rounds=1))
     assert len(timing.samples_ms) == 2 and timing.median_ms > 0
 
 

@@ -17,15 +17,14 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from vitas.inference.latency.measure import (LatencySetting, ModelFactory, Timing, arch_factory,
                                              describe_machine, load_average, measure_modules)
-from vitas.inference.latency.model import (LatencyModel, ape_stats, fit_calibration, fit_regression,
-                                           latency_space)
+from vitas.inference.latency.model import LatencyModel, ape_stats, fit_calibration, fit_regression, latency_space
 from vitas.inference.latency.parts import arch_features, part_factory, space_parts
 from vitas.supernet.complexity import arch_cost
 from vitas.supernet.space import SearchSpace
@@ -134,15 +133,17 @@ class Measured:
     table: dict[str, float]
     fit: list[dict]  # {"arch", "median_ms", "iqr_ms", "loadavg"}
     holdout: list[dict]
+    extra: list[dict]
     started: float
     loadavg_start: Optional[list[float]]
 
 
 def measure_for_model(space: SearchSpace, num_classes: int, setting: LatencySetting, parts: bool,
-                      samples: int, holdout: int, seed: int = 0, cache: Optional[Path] = None) -> Measured:
+                      samples: int, holdout: int, seed: int = 0, cache: Optional[Path] = None,
+                      extra: Sequence[dict] = ()) -> Measured:
     """Time, on this machine, every part of the space (if `parts`), the `samples` architectures a
-    model is fitted to and the `holdout` ones it is checked on, all together, in turn
-    (`measure_modules`); measurements already in `cache` are reused."""
+    model is fitted to, the `holdout` ones it is checked on and any `extra` ones, all together, in
+    turn (`measure_modules`); measurements already in `cache` are reused."""
     setting.check()
     started, load_start = time.time(), load_average()
     machine = describe_machine(setting.device)
@@ -153,9 +154,9 @@ def measure_for_model(space: SearchSpace, num_classes: int, setting: LatencySett
     held = spread_archs(space, num_classes, holdout, seed + 1, exclude=map(space.key, fit_archs)) if holdout else []
     factories: dict[str, ModelFactory] = {}
     if parts:
-        factories.update({k: part_factory(k, space.cfg, num_classes, setting.batch_size) for k in space_parts(space)})
-    for arch in fit_archs + held:
-        factories[arch_key(space, arch)] = arch_factory(arch, space.cfg, num_classes, setting.batch_size)
+        factories.update({k: part_factory(k, space, num_classes, setting.batch_size) for k in space_parts(space)})
+    for arch in [*fit_archs, *held, *extra]:
+        factories[arch_key(space, arch)] = arch_factory(arch, space, num_classes, setting.batch_size)
     store.measure(factories, setting, seed)
 
     def measured(archs: list[dict]) -> list[dict]:
@@ -164,7 +165,7 @@ def measure_for_model(space: SearchSpace, num_classes: int, setting: LatencySett
                 for a, e in zip(archs, entries)]
 
     table = {k: store.entries[k]["median_ms"] for k in factories if not k.startswith("arch:")}
-    return Measured(machine, table, measured(fit_archs), measured(held), started, load_start)
+    return Measured(machine, table, measured(fit_archs), measured(held), measured(list(extra)), started, load_start)
 
 
 def build_latency_model(space: SearchSpace, num_classes: int, setting: LatencySetting, predictor: str,
@@ -193,7 +194,7 @@ def fit_latency_model(predictor: str, samples: list[dict], table: dict[str, floa
     medians for `lut`. Pure arithmetic: no timing happens here."""
     samples = [{k: s[k] for k in ("arch", "median_ms", "iqr_ms")} for s in samples]
     model = LatencyModel(predictor=predictor, setting=dataclasses.asdict(setting), machine=machine,
-                         space=latency_space(space.cfg), num_classes=num_classes, table=dict(table),
+                         space=space.spec(), num_classes=num_classes, table=dict(table),
                          samples=samples)
     measured = [s["median_ms"] for s in samples]
     if predictor == "lut":

@@ -23,8 +23,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from vitas.core.config import LatencyConfig, SpaceConfig
+from vitas.core.config import LatencyConfig
 from vitas.core.errors import UserError
+from vitas.supernet.space import SearchSpace
 from vitas.supernet.static import StaticViT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -142,11 +143,9 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def static_model(arch: dict, space: SpaceConfig, num_classes: int) -> StaticViT:
+def static_model(arch: dict, space: SearchSpace, num_classes: int) -> StaticViT:
     """The static model of a canonical `arch` of `space` (random weights), in eval mode."""
-    return StaticViT(arch, num_classes=num_classes, img_size=space.img_size, in_chans=space.in_chans,
-                     qkv_bias=space.qkv_bias, rel_pos=space.rel_pos, rel_pos_max=space.rel_pos_max,
-                     pool=space.pool).eval()
+    return StaticViT(**space.model_args(arch, num_classes)).eval()
 
 
 @contextlib.contextmanager
@@ -268,12 +267,12 @@ def _timing(samples: list[float], wall: list[float]) -> Timing:
                   wall_median_ms=statistics.median(wall), samples_ms=samples)
 
 
-def arch_factory(arch: dict, space: SpaceConfig, num_classes: int, batch_size: int) -> ModelFactory:
+def arch_factory(arch: dict, space: SearchSpace, num_classes: int, batch_size: int) -> ModelFactory:
     """A factory of the static model of a canonical `arch` and its input shape."""
-    return lambda: (static_model(arch, space, num_classes),
-                    (batch_size, space.in_chans, space.img_size, space.img_size))
+    c = space.cfg
+    return lambda: (static_model(arch, space, num_classes), (batch_size, c.in_chans, c.img_size, c.img_size))
 
 
-def measure_arch(arch: dict, space: SpaceConfig, num_classes: int, setting: LatencySetting) -> Timing:
+def measure_arch(arch: dict, space: SearchSpace, num_classes: int, setting: LatencySetting) -> Timing:
     """End-to-end latency of a canonical `arch` of `space` (its static model) under `setting`."""
     return measure_modules([arch_factory(arch, space, num_classes, setting.batch_size)], setting)[0]

@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from vitas.core.checkpoint import write_json
-from vitas.core.config import Config, SpaceConfig
+from vitas.core.config import Config, SpaceConfig, config_from_dict
 from vitas.core.errors import UserError
 from vitas.inference.latency.measure import LatencySetting, Timing, describe_machine, measure_arch
 from vitas.inference.latency.parts import FEATURES, arch_features, arch_parts, space_parts
@@ -91,7 +91,7 @@ class LatencyModel:
     predictor: str
     setting: dict  # LatencySetting fields
     machine: dict  # describe_machine() where it was measured
-    space: dict  # latency_space()
+    space: dict  # SearchSpace.spec() of the space it was built for
     num_classes: int
     table: dict[str, float] = field(default_factory=dict)  # part key -> median ms (lut)
     calibration: dict[str, float] = field(default_factory=lambda: {"scale": 1.0, "offset": 0.0})
@@ -100,12 +100,13 @@ class LatencyModel:
     fit: dict = field(default_factory=dict)  # ape_stats on the samples it was fitted to
     holdout: Optional[dict] = None  # ape_stats on architectures it was not fitted to
     built: dict = field(default_factory=dict)  # when, how long, load averages
+    _space: Optional[SearchSpace] = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ predicting
     def table_sum(self, arch: dict) -> float:
         """Sum of the table's parts of a canonical `arch` (before calibration)."""
         total = 0.0
-        for key in arch_parts(arch, self.space_config()):
+        for key in arch_parts(arch, self.search_space().cfg):
             if key not in self.table:
                 raise UserError(f"latency model has no entry for part {key}: it was built for another "
                                 "space; rebuild it with `vitas latency build`")
@@ -116,12 +117,14 @@ class LatencyModel:
         """Predicted latency in ms of one batch (the setting's) through a canonical `arch`."""
         if self.predictor == "lut":
             return self.calibration["scale"] * self.table_sum(arch) + self.calibration["offset"]
-        x = arch_features(arch, self.space_config(), self.num_classes)
+        x = arch_features(arch, self.search_space().cfg, self.num_classes)
         return float(sum(self.coef[k] * v for k, v in zip(FEATURES, x)))
 
-    def space_config(self) -> SpaceConfig:
-        """A SpaceConfig carrying the recorded shape fields (enough for parts and features)."""
-        return SpaceConfig(**self.space)
+    def search_space(self) -> SearchSpace:
+        """The space it was built for, rebuilt from its record (once)."""
+        if self._space is None:
+            self._space = latency_search_space(config_from_dict({"space": self.space}).space)
+        return self._space
 
     @property
     def margin(self) -> float:
@@ -134,7 +137,8 @@ class LatencyModel:
     def describe(self) -> dict:
         """What the model holds for and how accurate it is (for logs and result files)."""
         return {"predictor": self.predictor, "setting": self.setting, "machine": self.machine,
-                "space": self.space, "num_classes": self.num_classes, "fit": self.fit,
+                "space": {"name": self.space.get("name"), **latency_space(self.search_space().cfg)},
+                "num_classes": self.num_classes, "fit": self.fit,
                 "holdout": self.holdout, "built": self.built}
 
     # ------------------------------------------------------------------ this machine
@@ -160,7 +164,7 @@ class LatencyModel:
         if difference is not None:
             raise UserError(f"cannot re-measure for this latency model here: {difference}")
         setting = dict(self.setting, repeats=repeats or self.setting["repeats"])
-        return measure_arch(arch, self.space_config(), self.num_classes, LatencySetting(**setting))
+        return measure_arch(arch, self.search_space(), self.num_classes, LatencySetting(**setting))
 
     # ------------------------------------------------------------------ checking
     def check(self, setting: Optional[LatencySetting] = None, space: Optional[SearchSpace] = None,
@@ -177,9 +181,10 @@ class LatencyModel:
                                 "with `vitas latency build` or set the config to match")
         if space is not None:
             current = latency_space(space.cfg)
+            recorded = latency_space(self.search_space().cfg)
             for k in SPACE_KEYS:
-                if self.space.get(k) != current[k]:
-                    raise UserError(f"{where} was built for space.{k}={self.space.get(k)!r}, the config "
+                if recorded[k] != current[k]:
+                    raise UserError(f"{where} was built for space.{k}={recorded[k]!r}, the config "
                                     f"has {current[k]!r}: rebuild it with `vitas latency build`")
             if self.predictor == "lut":
                 missing = [k for k in space_parts(space) if k not in self.table]
@@ -197,7 +202,8 @@ class LatencyModel:
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:
         """The file's content (plain JSON values)."""
-        return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        return {"format": FORMAT, "version": VERSION, **json.loads(json.dumps(data))}
 
     def save(self, path: str | Path) -> Path:
         """Write the model atomically as JSON."""
@@ -210,12 +216,12 @@ def _from_dict(data: Any) -> LatencyModel:
         raise ValueError(f"not a {FORMAT} file")
     if data.get("version") != VERSION:
         raise ValueError(f"format version {data.get('version')!r}, this vitas reads {VERSION}")
-    names = {f.name for f in dataclasses.fields(LatencyModel)}
+    names = {f.name for f in dataclasses.fields(LatencyModel) if not f.name.startswith("_")}
     model = LatencyModel(**{k: v for k, v in data.items() if k in names})
     if model.predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {model.predictor!r}")
     LatencySetting(**model.setting)
-    SpaceConfig(**model.space)
+    model.search_space()
     numbers = model.table if model.predictor == "lut" else model.coef
     expected = set(numbers) if model.predictor == "lut" else set(FEATURES)
     if not numbers or set(numbers) != expected or not all(_is_number(v) for v in numbers.values()):
@@ -240,7 +246,7 @@ def load_latency_model(path: str | Path, setting: Optional[LatencySetting] = Non
         raise UserError(f"latency model not found: {path} (build it with `vitas latency build -c CONFIG`)")
     try:
         model = _from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and decoding errors are ValueErrors
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as exc:  # JSON errors are ValueErrors
         reason = f"missing field {exc}" if isinstance(exc, KeyError) else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot read latency model {path}: {reason}") from None
     model.check(setting, space, num_classes, where=f"latency model {path}")

@@ -14,7 +14,6 @@ from torch import nn
 from vitas.core.config import SpaceConfig
 from vitas.inference.latency.measure import ModelFactory, static_model
 from vitas.supernet.space import SearchSpace
-from vitas.supernet.static import Block
 
 FEATURES = ("const", "blocks", "linear_macs", "attention_macs", "scores", "stream", "hidden",
             "stem", "head")
@@ -49,7 +48,7 @@ def space_parts(space: SearchSpace) -> list[str]:
 class AttentionHalf(nn.Module):
     """x + attn(norm1(x)) of a block: the attention half as `StaticViT` runs it."""
 
-    def __init__(self, block: Block):
+    def __init__(self, block: nn.Module):
         super().__init__()
         self.norm1, self.attn = block.norm1, block.attn
 
@@ -60,7 +59,7 @@ class AttentionHalf(nn.Module):
 class MlpHalf(nn.Module):
     """x + mlp(norm2(x)) of a block: the MLP half as `StaticViT` runs it."""
 
-    def __init__(self, block: Block):
+    def __init__(self, block: nn.Module):
         super().__init__()
         self.norm2, self.mlp = block.norm2, block.mlp
 
@@ -68,33 +67,35 @@ class MlpHalf(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def part_factory(key: str, space: SpaceConfig, num_classes: int, batch: int) -> ModelFactory:
+def part_factory(key: str, space: SearchSpace, num_classes: int, batch: int) -> ModelFactory:
     """A factory of the module a part key stands for and its input shape at batch size `batch`."""
     return lambda: part_model(key, space, num_classes, batch)
 
 
-def part_model(key: str, space: SpaceConfig, num_classes: int, batch: int) -> tuple[nn.Module, tuple[int, ...]]:
-    """The module a part key stands for and its input shape at batch size `batch`.
-
-    `base` is a `StaticViT` with its blocks removed (stem, final norm, pooling and head); the
-    halves are those of a `StaticViT` block of the same sizes."""
+def part_model(key: str, space: SearchSpace, num_classes: int, batch: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """The module a part key stands for and its input shape at batch size `batch`, taken from a
+    one-block static model of the space: `base` is that model with its block removed (stem,
+    final norm, pooling, head), the halves are halves of its block."""
     kind, *sizes = key.split("/")
     n = [int(v) for v in sizes]
+    c = space.cfg
     if kind == "base":
-        patch, E = n
-        arch = {"patch_size": patch, "embed_dim": E, "depth": 1, "num_heads": [1], "attn_dim": [E], "mlp_dim": [E]}
-        model = static_model(arch, space, num_classes)
-        model.blocks = nn.ModuleList()  # what remains: stem, final norm, pooling, head
-        return model, (batch, space.in_chans, space.img_size, space.img_size)
-    if kind == "attn":
-        T, E, a, h = n
-        block = Block(E, a, h, 4 * E, space.qkv_bias, space.rel_pos, space.rel_pos_max, 0.0)
-        return AttentionHalf(block).eval(), (batch, T, E)
-    if kind == "mlp":
-        T, E, m = n
-        block = Block(E, E, 1, m, space.qkv_bias, False, space.rel_pos_max, 0.0)
-        return MlpHalf(block).eval(), (batch, T, E)
-    raise ValueError(f"unknown latency part {key!r}")
+        (patch, E), (h, a, m) = n, (1, n[1], n[1])
+    elif kind == "attn":
+        (T, E, a, h), m = n, n[1]
+    elif kind == "mlp":
+        (T, E, m), h, a = n, 1, n[1]
+    else:
+        raise ValueError(f"unknown latency part {key!r}")
+    if kind != "base":
+        patch = next(p for p in space.patch_sizes if tokens(c, p) == T)
+    arch = {"patch_size": patch, "embed_dim": E, "depth": 1, "num_heads": [h], "attn_dim": [a], "mlp_dim": [m]}
+    model = static_model(arch, space, num_classes)
+    if kind == "base":
+        model.blocks = nn.ModuleList()
+        return model, (batch, c.in_chans, c.img_size, c.img_size)
+    half = AttentionHalf(model.blocks[0]) if kind == "attn" else MlpHalf(model.blocks[0])
+    return half.eval(), (batch, T, E)
 
 
 def arch_features(arch: dict, space: SpaceConfig, num_classes: int) -> list[float]:

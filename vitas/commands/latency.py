@@ -51,7 +51,7 @@ def _measure(args: argparse.Namespace) -> None:
     arch = space.validate(load_arch(args.arch))
     classes = num_classes(cfg)
     setting = LatencySetting.from_config(cfg.latency)
-    timing = measure_arch(arch, cfg.space, classes, setting)
+    timing = measure_arch(arch, space, classes, setting)
     cost = arch_cost(arch, space, classes)
     report = {**timing.summary(), **vars(setting), **describe_machine(setting.device),
               "loadavg": load_average(), "params": cost.params, "macs": cost.macs}

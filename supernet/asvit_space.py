@@ -24,7 +24,7 @@ from vitas.core.errors import UserError
 from vitas.supernet.asvit import STAGE_KEYS, STAGES, check_asvit_arch, stage_heads, stage_widths
 from vitas.supernet.asvit_complexity import asvit_cost
 from vitas.supernet.complexity import Cost
-from vitas.supernet.space import SearchSpace
+from vitas.supernet.space import SearchSpace, register_space_kind
 
 ARCH_FIELDS = ("embed_dim", "num_heads", "stages")
 TOPOLOGY_KEYS = ("kernel", "split", "expansion")  # per stage; `depth` is grown by scaling
@@ -235,6 +235,9 @@ class AsVitSpace:
     def check_spec(self, recorded: dict, where: str = "checkpoint") -> None:
         """UserError naming the differing field when `recorded` is another space."""
         check_space(_flatten(recorded), _flatten(self.spec()), where)
+
+
+register_space_kind("asvit", AsVitSpace)  # space_from_config builds it for `space.kind: asvit`
 
 
 def parse_genotype(text: str) -> dict:

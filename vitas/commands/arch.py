@@ -48,28 +48,27 @@ def num_classes(cfg: Config) -> int:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from vitas.supernet.space import SearchSpace
+    from vitas.supernet.space import space_from_config
 
     if args.n < 1:
         raise UserError(f"-n must be at least 1, got {args.n}")
-    space = SearchSpace(config_from_args(args).space)
+    space = space_from_config(config_from_args(args))
     rng = random.Random(args.seed)
     for _ in range(args.n):
         print(json.dumps(space.canonical(space.sample(rng))))
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from vitas.supernet.space import SearchSpace, load_arch
+    from vitas.supernet.space import load_arch, space_from_config
 
-    space = SearchSpace(config_from_args(args).space)
+    space = space_from_config(config_from_args(args))
     print(json.dumps(space.validate(load_arch(args.arch))))
 
 
 def _cost(args: argparse.Namespace) -> None:
-    from vitas.supernet.complexity import arch_cost
-    from vitas.supernet.space import SearchSpace, load_arch
+    from vitas.supernet.space import load_arch, space_from_config
 
     cfg = config_from_args(args)
-    space = SearchSpace(cfg.space)
-    cost = arch_cost(space.validate(load_arch(args.arch)), space, num_classes(cfg))
+    space = space_from_config(cfg)
+    cost = space.cost(space.validate(load_arch(args.arch)), num_classes(cfg))
     print(json.dumps({"params": cost.params, "macs": cost.macs}))

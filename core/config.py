@@ -240,7 +240,15 @@ class RankConfig:
     """The ranking study (`vitas rank`): scores against trained ground truth."""
 
     archs: int = at_least(20, 2)  # architectures sampled evenly over the MACs range
+    ground_truth: Optional[str] = None  # a table of architectures and accuracies (CSV/JSON)
+    targets: list[str] = field(default_factory=list)  # its accuracy columns to rank (all: [])
     ground_truth_epochs: int = at_least(0, 0)  # train each from scratch for E epochs (0: none)
+    ground_truth_seeds: int = at_least(1, 1)  # ... with S seeds, the target being their mean
+    proxies: list[str] = field(default_factory=lambda: ["length_distortion", "ntk_condition", "curvature"])
+    inherited: bool = True  # score inherited accuracy when a superformer checkpoint exists
+    bands: int = at_least(4, 1)  # equal-count MACs bands for the within-budget correlations
+    top_k: int = at_least(5, 1)  # top-k overlap
+    bootstrap: int = at_least(2000, 100)  # bootstrap resamples of the 95% intervals
 
 
 @dataclass

@@ -86,9 +86,12 @@ def main() -> int:
         ("proxy search: chosen arch", json.dumps(proxy_arch)),
         ("retrained val top-1 / top-5", f"{evaluation['top1']:.2f}% / {evaluation['top5']:.2f}%"),
     ]
-    for c in correlations["correlations"]:
-        if c["y"] in ("inherited_top1", "trained_top1") and c["kendall_tau"] is not None:
-            rows.append((f"rank: Kendall tau({c['x']}, {c['y']})", f"{c['kendall_tau']:+.2f}"))
+    for target, per_score in correlations["results"].items():
+        for score, entry in per_score.items():
+            k = entry["kendall"]
+            if k["estimate"] is not None:
+                ci = f" [{k['low']:+.2f}, {k['high']:+.2f}]" if k["low"] is not None else ""
+                rows.append((f"rank: Kendall tau({score}, {target})", f"{k['estimate']:+.2f}{ci}"))
     rows += [(f"time: {k}", f"{v:.0f} s") for k, v in times.items()]
     plots = sorted(str(p) for p in list((out / "search").glob("*.png")) + list((out / "rank").glob("*.png")))
     width = max(len(n) for n, _ in rows)

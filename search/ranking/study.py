@@ -1,14 +1,23 @@
-"""Proxy versus supernet ranking study (As-ViT Table 2 / Figure 2 for this project's spaces).
+"""The ranking study (`vitas rank`): how well each score ranks architectures, measured.
 
-`rank.archs` architectures are sampled evenly across the MACs range (`search.macs_min/max`,
-else the space's): the range is cut into that many equal bins and one architecture is drawn in
-each (`space.sample_in_range`; a bin nobody falls into is drawn from the whole range). For each:
-L^E, NTK condition, curvature, params, MACs, the inherited hold-out top-1 with weights of the
-superformer checkpoint (when there is one) and, with `rank.ground_truth_epochs` E > 0 (or
-`--ground-truth-epochs`), val top-1 after training from scratch for E epochs
-(`retrain.train.train_arch`, in sequence in this process, or one Slurm array task per
-architecture when launch.executor resolves to Slurm). Writes `<output_dir>/rank/ranking.csv`,
-`correlations.json` (Kendall tau and Spearman rho of every pair of columns) and scatter plots.
+Architectures come from a ground-truth table (`rank.ground_truth`, `--ground-truth FILE`: the
+user's own runs or a published benchmark; `search.ranking.tables`) or are drawn evenly over the
+MACs range (`rank.archs`, one per equal-width bin of `search.macs_min/max` or the space's range).
+Scores: the training-free proxies `rank.proxies` (`search.proxies.zoo`), the #params and MACs
+baselines, and inherited hold-out top-1 from the superformer checkpoint when there is one
+(`rank.inherited`). Targets: the table's accuracy columns (`rank.targets`, all by default) and,
+with `rank.ground_truth_epochs` E > 0, `trained_top1`: the mean val top-1 of
+`rank.ground_truth_seeds` from-scratch trainings (`search.ranking.ground_truth`), its seed spread
+recorded beside it. With neither, inherited accuracy is the target (the proxies against the
+superformer, As-ViT's Table 2 setting).
+
+For every score against every target (`search.ranking.stats.fidelity`): Kendall tau and Spearman
+rho with 95% bootstrap intervals resampling architectures, the same within `rank.bands`
+equal-count MACs bands, top-k overlap, the regret of picking the best-scored architecture, and the
+difference to the #params baseline with a paired interval. Scores are signed by their
+better-direction first (kappa: lower is better), so a positive tau always means "ranks well".
+Writes `rank/ranking.csv`, `rank/correlations.json` and one scatter figure per target with the
+baselines' panels beside the scores'.
 """
 from __future__ import annotations
 
@@ -18,25 +27,24 @@ import io
 import json
 import logging
 import math
-from itertools import combinations
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from scipy.stats import kendalltau, spearmanr
 
 from vitas.core.checkpoint import atomic_write, write_json
 from vitas.core.config import Config
 from vitas.core.data import check_data_source, num_classes
 from vitas.core.engine import check_recipe
 from vitas.core.errors import UserError
-from vitas.core.launch import resolve_executor, submit_array, wait_result
 from vitas.core.layout import RANK, run_layout
-from vitas.core.lock import StageLock
 from vitas.core.logs import progress
 from vitas.core.stage import Option, Stage, StageContext
-from vitas.retrain.train import train_arch
-from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
+from vitas.search.proxies import zoo
+from vitas.search.proxies.measures import check_proxy_config, proxy_batch, proxy_superformer
+from vitas.search.ranking.ground_truth import ground_truth
+from vitas.search.ranking.stats import correlation_difference, fidelity
+from vitas.search.ranking.tables import read_ground_truth
 from vitas.search.scoring.accuracy import AccuracyScorer
 from vitas.supernet.checkpoint import superformer_path
 from vitas.supernet.complexity import arch_cost
@@ -44,10 +52,10 @@ from vitas.supernet.space import SearchSpace, space_from_config
 
 log = logging.getLogger("vitas.rank")
 
-PROXY_COLUMNS = ("length_distortion", "ntk_condition", "curvature")
-COST_COLUMNS = ("params", "macs")
-ACCURACY_COLUMNS = ("inherited_top1", "trained_top1")
-LOG_AXES = {"ntk_condition", "curvature", "params", "macs"}
+BASELINES = ("params", "macs")
+INHERITED, TRAINED = "inherited_top1", "trained_top1"
+BETTER = {**{name: p.better for name, p in zoo.PROXIES.items()}, INHERITED: +1}
+LOG_AXES = {"ntk_condition", "curvature", "params", "macs", "synflow", "snip", "dss"}
 
 
 def sample_archs(space: SearchSpace, cfg: Config, n: int) -> list[dict]:
@@ -78,141 +86,9 @@ def sample_archs(space: SearchSpace, cfg: Config, n: int) -> list[dict]:
         raise UserError(f"found {len(archs)} distinct architecture(s) with MACs in [{lo}, {hi}]; "
                         "a ranking needs at least 2: widen search.macs_min/max")
     if len(archs) < n:
-        log.warning("rank: found %d distinct architectures of the %d asked (proxy.rank_archs) with "
+        log.warning("rank: found %d distinct architectures of the %d asked (rank.archs) with "
                     "MACs in [%d, %d]; the space or the range is too small for more", len(archs), n, lo, hi)
     return sorted(archs.values(), key=lambda a: cost_fn(a).macs)
-
-
-def train_one(cfg: Config, item: tuple[int, dict, int]) -> float:
-    """Array-job entry: val top-1 of architecture `item` = (index, arch, epochs) trained from
-    scratch into its own folder (locked: two tasks never train into one)."""
-    index, arch, epochs = item
-    folder = run_layout(cfg.output_dir).rank_ground_truth / f"arch{index:03d}"
-    with StageLock(folder, "ground-truth training"):
-        return float(train_arch(cfg, arch, folder, epochs)["top1"])
-
-
-def ground_truth(cfg: Config, archs: list[dict], epochs: int) -> list[float]:
-    """Val top-1 of each arch after `epochs` epochs from scratch (Slurm array, else in sequence)."""
-    items = [(i, a, epochs) for i, a in enumerate(archs)]
-    if resolve_executor(cfg.launch) == "slurm":
-        jobs = submit_array(cfg, "vitas.search.ranking.study:train_one", items, stage=RANK)
-        return [float(wait_result(job)) for job in jobs]
-    return [train_one(cfg, item) for item in progress(items, desc=f"ground truth ({epochs} epochs)")]
-
-
-def correlations(rows: list[dict], columns: list[str]) -> list[dict]:
-    """Kendall tau and Spearman rho of every pair of `columns` over the rows where both are finite
-    (None when fewer than 2 such rows or a column is constant there)."""
-    out = []
-    for x, y in combinations(columns, 2):
-        pairs = [(r[x], r[y]) for r in rows if _finite(r.get(x)) and _finite(r.get(y))]
-        entry: dict[str, Any] = {"x": x, "y": y, "n": len(pairs), "kendall_tau": None, "spearman_rho": None}
-        a, b = np.array(pairs, dtype=np.float64).reshape(-1, 2).T
-        if len(pairs) >= 2 and np.ptp(a) > 0 and np.ptp(b) > 0:  # undefined for a constant column
-            entry["kendall_tau"] = _nan_none(kendalltau(a, b).statistic)
-            entry["spearman_rho"] = _nan_none(spearmanr(a, b).statistic)
-        out.append(entry)
-    return out
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _nan_none(v: float) -> Optional[float]:
-    return float(v) if math.isfinite(v) else None
-
-
-def correlation_table(corr: list[dict]) -> str:
-    """The correlations as an aligned text table."""
-    lines = [f"{'x':<18} {'y':<18} {'n':>3} {'kendall_tau':>11} {'spearman_rho':>12}"]
-    fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
-    for c in corr:
-        lines.append(f"{c['x']:<18} {c['y']:<18} {c['n']:>3} {fmt(c['kendall_tau']):>11} {fmt(c['spearman_rho']):>12}")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], columns: list[str], corr: list[dict], out_dir: Path) -> list[Path]:
-    """As-ViT Figure 2: each accuracy column (else MACs) against every proxy and cost column."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    taus = {(c["x"], c["y"]): c["kendall_tau"] for c in corr}
-    targets = [c for c in ACCURACY_COLUMNS if c in columns] or ["macs"]
-    paths = []
-    for target in targets:
-        xs = [c for c in columns if c != target and c not in ACCURACY_COLUMNS]
-        fig, axes = plt.subplots(1, len(xs), figsize=(3.6 * len(xs), 3.4), squeeze=False)
-        for ax, x in zip(axes[0], xs):
-            pts = np.array([(r[x], r[target]) for r in rows if _finite(r.get(x)) and _finite(r.get(target))])
-            if len(pts):
-                ax.scatter(pts[:, 0], pts[:, 1], s=18, alpha=0.8)
-            if x in LOG_AXES and len(pts) and pts[:, 0].min() > 0 and pts[:, 0].max() > 10 * pts[:, 0].min():
-                ax.set_xscale("log")
-            tau = taus.get((x, target), taus.get((target, x)))
-            ax.set_title(f"tau = {tau:.2f}" if tau is not None else "tau = -", fontsize=10)
-            ax.set_xlabel(x)
-            ax.set_ylabel(target)
-        fig.tight_layout()
-        path = out_dir / f"{target}_vs_proxies.png"
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def check(cfg: Config) -> None:
-    """Every user error findable before the study runs: proxy options, data, a MACs range with
-    architectures, the superformer (when there is one) and, with ground truth, the recipe."""
-    check_proxy_config(cfg.proxy)
-    check_data_source(cfg.data, holdout=_has_checkpoint(cfg))
-    space = space_from_config(cfg)
-    sample_archs(space, cfg, cfg.rank.archs)
-    if _has_checkpoint(cfg):
-        AccuracyScorer(cfg).check()
-    if cfg.rank.ground_truth_epochs > 0:
-        check_recipe(dataclasses.replace(cfg.retrain, epochs=cfg.rank.ground_truth_epochs), "retrain")
-
-
-def rank(cfg: Config, out_dir: Path) -> dict:
-    """Run the ranking study into `out_dir`; returns {"rows", "columns", "correlations",
-    "plots", "output"}."""
-    epochs = cfg.rank.ground_truth_epochs
-    space = space_from_config(cfg)
-    classes = num_classes(cfg.data)
-    archs = sample_archs(space, cfg, cfg.rank.archs)
-    model, images = proxy_superformer(cfg), ntk_batch(cfg)
-    log.info("ranking %d architectures", len(archs))
-
-    rows = []
-    for i, arch in enumerate(progress(archs, desc="proxies")):
-        cost = arch_cost(arch, space, classes)
-        rows.append({"index": i, "arch": arch, "params": cost.params, "macs": cost.macs,
-                     **proxy_scores_many(model, [arch], images, cfg.proxy)[0]})
-    columns = list(PROXY_COLUMNS + COST_COLUMNS)
-    if _has_checkpoint(cfg):
-        for row, acc in zip(rows, AccuracyScorer(cfg).score(archs)):
-            row["inherited_top1"] = acc["top1"]
-        columns.append("inherited_top1")
-    else:
-        log.warning("no superformer checkpoint (supernet.checkpoint or %s): inherited accuracy left out",
-                    run_layout(cfg.output_dir).supernet_checkpoint)
-    if epochs > 0:
-        for row, top1 in zip(rows, ground_truth(cfg, archs, epochs)):
-            row["trained_top1"] = top1
-        columns.append("trained_top1")
-
-    corr = correlations(rows, columns)
-    layout = run_layout(cfg.output_dir)
-    _write_csv(rows, columns, layout.rank_table)
-    write_json({"archs": len(rows), "ground_truth_epochs": epochs, "columns": columns,
-                "correlations": corr}, layout.rank_correlations)
-    plots = plot(rows, columns, corr, out_dir)
-    return {"rows": rows, "columns": columns, "correlations": corr, "plots": [str(p) for p in plots],
-            "output": str(out_dir)}
 
 
 def _has_checkpoint(cfg: Config) -> bool:
@@ -223,36 +99,210 @@ def _has_checkpoint(cfg: Config) -> bool:
     return True
 
 
+def _inherited(cfg: Config) -> bool:
+    return cfg.rank.inherited and _has_checkpoint(cfg)
+
+
+def architectures(cfg: Config, space: SearchSpace) -> tuple[list[dict], dict[str, list], list]:
+    """(archs, table targets, names): the table's, or `rank.archs` drawn over the MACs range."""
+    if cfg.rank.ground_truth:
+        table = read_ground_truth(cfg.rank.ground_truth, space, cfg.rank.targets)
+        return table.archs, table.targets, table.names
+    if cfg.rank.targets:
+        raise UserError("rank.targets names columns of a ground-truth table: set rank.ground_truth")
+    archs = sample_archs(space, cfg, cfg.rank.archs)
+    return archs, {}, [None] * len(archs)
+
+
+def check(cfg: Config) -> None:
+    """Every user error findable before the study runs: proxies and their options, data, the
+    table (or a MACs range with architectures), something to rank against, the superformer, the
+    ground-truth recipe, and bands the architectures can fill."""
+    check_proxy_config(cfg.proxy)
+    zoo.check_names(cfg.rank.proxies)
+    check_data_source(cfg.data, holdout=_inherited(cfg))
+    space = space_from_config(cfg)
+    archs, table, _ = architectures(cfg, space)
+    if not table and cfg.rank.ground_truth_epochs == 0 and not _inherited(cfg):
+        raise UserError("nothing to rank against: give a table (--ground-truth FILE), train ground "
+                        "truth (--ground-truth-epochs E) or a superformer checkpoint")
+    if cfg.rank.bands > len(archs):
+        raise UserError(f"rank.bands={cfg.rank.bands} is more than the {len(archs)} architectures")
+    if _inherited(cfg):
+        AccuracyScorer(cfg).check()
+    if cfg.rank.ground_truth_epochs > 0:
+        check_recipe(dataclasses.replace(cfg.retrain, epochs=cfg.rank.ground_truth_epochs), "retrain")
+
+
+def score_rows(cfg: Config, space: SearchSpace, archs: list[dict]) -> list[dict]:
+    """One row per architecture: params, MACs, the proxies, inherited top-1 when scored."""
+    classes = num_classes(cfg.data)
+    model = proxy_superformer(cfg)
+    images, labels = proxy_batch(cfg)
+    rows = []
+    for i, arch in enumerate(progress(archs, desc="proxies")):
+        cost = arch_cost(arch, space, classes)
+        record = zoo.compute_proxies(cfg.rank.proxies, model, arch, images, cfg.proxy, labels)
+        rows.append({"index": i, "arch": arch, "params": cost.params, "macs": cost.macs, **record})
+    if _inherited(cfg):
+        for row, acc in zip(rows, AccuracyScorer(cfg).score(archs)):
+            row[INHERITED] = acc["top1"]
+    return rows
+
+
+def signed(rows: list[dict], score: str) -> list[Optional[float]]:
+    """A score's column, times its better-direction (so higher always predicts better)."""
+    sign = BETTER.get(score, +1)
+    return [None if r.get(score) is None else sign * float(r[score]) for r in rows]
+
+
+def report(rows: list[dict], scores: list[str], targets: list[str], cfg: Config) -> dict:
+    """Every score against every target: `fidelity` plus the difference to #params."""
+    rk = cfg.rank
+    bands = min(rk.bands, len(rows))
+    kw = dict(n_resamples=rk.bootstrap, seed=cfg.proxy.seed)
+    cost = [r["macs"] for r in rows]
+    results: dict[str, dict] = {}
+    for target in targets:
+        y = [r.get(target) for r in rows]
+        results[target] = {}
+        for score in scores:
+            x = signed(rows, score)
+            entry = fidelity(x, y, cost, bands=bands, top_k=min(rk.top_k, len(rows)), **kw)
+            if score != "params":
+                entry["vs_params"] = correlation_difference(x, signed(rows, "params"), y, **kw)
+                entry["vs_params_banded"] = correlation_difference(x, signed(rows, "params"), y,
+                                                                   cost=cost, bands=bands, **kw)
+            results[target][score] = entry
+    return results
+
+
+def table_text(results: dict) -> str:
+    """Kendall tau [95% interval], global and within MACs bands, of every score per target."""
+    def cell(c: dict) -> str:
+        if c["estimate"] is None:
+            return "-"
+        return f"{c['estimate']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]" if c["low"] is not None else f"{c['estimate']:+.2f}"
+
+    lines = []
+    for target, per_score in results.items():
+        lines.append(f"target {target}: Kendall tau [95% CI]   (within MACs bands)")
+        for score, entry in per_score.items():
+            mark = " (baseline)" if score in BASELINES else ""
+            lines.append(f"  {score + mark:<28} {cell(entry['kendall']):>22}   {cell(entry['kendall_banded']):>22}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], scores: list[str], results: dict, out_dir: Path) -> list[Path]:
+    """One figure per target: the target against every score (baselines in grey), each panel
+    titled with its Kendall tau and interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for target, per_score in results.items():
+        fig, axes = plt.subplots(1, len(scores), figsize=(3.4 * len(scores), 3.3), squeeze=False)
+        for ax, score in zip(axes[0], scores):
+            pts = np.array([(r[score], r[target]) for r in rows if _finite(r.get(score)) and _finite(r.get(target))])
+            if len(pts):
+                ax.scatter(pts[:, 0], pts[:, 1], s=16, alpha=0.8,
+                           c="tab:gray" if score in BASELINES else "tab:blue")
+            if score in LOG_AXES and len(pts) and pts[:, 0].min() > 0 and pts[:, 0].max() > 10 * pts[:, 0].min():
+                ax.set_xscale("log")
+            k = per_score[score]["kendall"]
+            title = "tau -" if k["estimate"] is None else f"tau {k['estimate']:+.2f}"
+            if k["low"] is not None:
+                title += f" [{k['low']:+.2f}, {k['high']:+.2f}]"
+            ax.set_title(title + (" (baseline)" if score in BASELINES else ""), fontsize=9)
+            ax.set_xlabel(score)
+            ax.set_ylabel(target)
+        fig.tight_layout()
+        path = out_dir / f"{target}_vs_scores.png"
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def rank(cfg: Config, out_dir: Path) -> dict:
+    """Run the ranking study into `out_dir`; returns the summary (also summary.json)."""
+    space = space_from_config(cfg)
+    archs, table, names = architectures(cfg, space)
+    log.info("ranking %d architectures", len(archs))
+    rows = score_rows(cfg, space, archs)
+    for i, row in enumerate(rows):
+        row["name"] = names[i]
+        row.update({t: table[t][i] for t in table})
+    targets = list(table)
+    gt: dict[str, Any] = {}
+    if cfg.rank.ground_truth_epochs > 0:
+        trained = ground_truth(cfg, [space.key(a) for a in archs], archs, cfg.rank.ground_truth_epochs,
+                               cfg.rank.ground_truth_seeds)
+        for row, mean, std in zip(rows, trained["mean"], trained["std"]):
+            row[TRAINED], row[TRAINED + "_std"] = mean, std
+        targets.append(TRAINED)
+        spread = [s for s in trained["std"] if s is not None]
+        gt = {"epochs": cfg.rank.ground_truth_epochs, "seeds": cfg.rank.ground_truth_seeds,
+              "runs": trained["runs"], "seed_std_mean": float(np.mean(spread)) if spread else None}
+    scores = [p for p in cfg.rank.proxies if p not in BASELINES] + list(BASELINES)
+    if INHERITED in rows[0]:
+        scores.append(INHERITED)
+    if not targets:
+        targets, scores = [INHERITED], [s for s in scores if s != INHERITED]
+    results = report(rows, scores, targets, cfg)
+    layout = run_layout(cfg.output_dir)
+    _write_csv(rows, scores + [t for t in targets if t not in scores], layout.rank_table)
+    correlations = {"archs": len(rows), "targets": targets, "scores": scores, "baselines": list(BASELINES),
+                    "bands": min(cfg.rank.bands, len(rows)), "confidence": 0.95,
+                    "bootstrap": cfg.rank.bootstrap, "ground_truth": gt, "results": results}
+    write_json(correlations, layout.rank_correlations)
+    plots = plot(rows, scores, results, out_dir)
+    tau = {t: {s: e["kendall"]["estimate"] for s, e in per.items()} for t, per in results.items()}
+    return {"archs": len(rows), "targets": targets, "scores": scores, "kendall_tau": tau,
+            "table": table_text(results), "plots": [str(p) for p in plots], "output": str(out_dir)}
+
+
 def _write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    header = ["index"] + columns + ["valid", "arch"]
-    writer.writerow(header)
+    extra = [c for c in (TRAINED + "_std",) if c in rows[0]]
+    writer.writerow(["index", "name", *columns, *extra, "valid", "arch"])
     for r in rows:
-        writer.writerow([r["index"]] + [r.get(c) for c in columns] + [r["valid"], json.dumps(r["arch"])])
+        writer.writerow([r["index"], r.get("name") or "", *[r.get(c) for c in columns],
+                         *[r.get(c) for c in extra], r["valid"], json.dumps(r["arch"])])
     atomic_write(path, lambda f: f.write(buf.getvalue()), mode="w")
 
 
 def run(cfg: Config, ctx: StageContext) -> dict:
-    """Stage entry (`vitas rank`, `vitas submit rank`): the study with `rank.ground_truth_epochs`."""
-    result = rank(cfg, ctx.dir)
-    return {"archs": len(result["rows"]), **{k: result[k] for k in ("columns", "correlations", "plots", "output")}}
-
-
-def _report(summary: dict) -> list[str]:
-    return [correlation_table(summary["correlations"]), f"outputs in {summary['output']}"]
+    """Stage entry (`vitas rank`, `vitas submit rank`)."""
+    return rank(cfg, ctx.dir)
 
 
 STAGE = Stage(
-    name="rank", folder=RANK, check=check, run=run, report=_report,
-    options=(Option("--ground-truth-epochs", "rank.ground_truth_epochs", "train every architecture "
-                    "from scratch for E epochs (default rank.ground_truth_epochs; 0: no training)",
-                    metavar="E"),),
-    help="correlate proxies, cost, inherited and trained accuracy over sampled archs",
-    description="Sample rank.archs architectures evenly across the MACs range, compute L^E, NTK "
-    "condition, curvature, params, MACs, inherited hold-out top-1 (from the superformer "
-    "checkpoint when there is one) and, with E > 0 ground-truth epochs, val top-1 after training "
-    "each from scratch. Writes OUTPUT_DIR/rank/{ranking.csv,correlations.json,*.png} and prints "
-    "Kendall tau / Spearman rho of every pair of columns; the last line of stdout is a JSON "
-    "object {archs, columns, correlations, output}.",
-    last_line=("archs", "columns", "correlations", "output"))
+    name="rank", folder=RANK, check=check, run=run, report=lambda s: [s["table"], f"outputs in {s['output']}"],
+    options=(
+        Option("--ground-truth", "rank.ground_truth", "a table of architectures and accuracies "
+               "(CSV or JSON, arch as the project's JSON dict)", metavar="FILE"),
+        Option("--ground-truth-epochs", "rank.ground_truth_epochs", "train every architecture "
+               "from scratch for E epochs (0: no training)", metavar="E"),
+        Option("--ground-truth-seeds", "rank.ground_truth_seeds", "... with S seeds (their mean is "
+               "the target, their spread recorded)", metavar="S"),
+        Option("--bands", "rank.bands", "equal-count MACs bands for within-budget correlations",
+               metavar="K"),
+    ),
+    help="how well proxies, size and inherited accuracy rank architectures, with intervals",
+    description="For a ground-truth table (--ground-truth FILE) or rank.archs architectures drawn "
+    "evenly over the MACs range: the proxies rank.proxies, #params, MACs and inherited hold-out "
+    "top-1 (with a superformer checkpoint) against every target (the table's columns, and with "
+    "E > 0 ground-truth epochs the mean val top-1 of S seeds trained from scratch): Kendall tau "
+    "and Spearman rho with 95% bootstrap intervals, the same within MACs bands, top-k overlap, "
+    "regret, and the difference to #params. Writes OUTPUT_DIR/rank/{ranking.csv,"
+    "correlations.json,*.png}; the last line of stdout is a JSON object {archs, targets, scores, "
+    "kendall_tau, output}.",
+    last_line=("archs", "targets", "scores", "kendall_tau", "output"))

@@ -92,20 +92,23 @@ def _read_only(path: Path) -> bool:
         return False
 
 
-def preflight(stage: Stage, cfg: Config, record: bool = True) -> None:
+def preflight(stage: Stage, cfg: Config, record: bool = True, probe_lock: bool = True) -> None:
     """Everything that can refuse a run before it writes: the stage's own `check`, then (for a
-    recorded run) a writable output folder that no live run holds."""
+    recorded run) a writable output folder that, with `probe_lock`, no live run holds."""
     stage.check(cfg)
     if record:
         folder = run_layout(cfg.output_dir).stage(stage.folder)
         check_writable(folder)
-        StageLock(folder, f"{stage.name} run").check_free()
+        if probe_lock:
+            StageLock(folder, f"{stage.name} run").check_free()
 
 
 def execute(stage: Stage, cfg: Config, record: bool = True) -> dict:
     """Run `stage` on `cfg` in this process (one of several under torchrun or Slurm): preflight,
-    process group, logging, lock, config.yaml, run, summary.json; clean-up always."""
-    preflight(stage, cfg, record)
+    process group, logging, lock, config.yaml, run, summary.json; clean-up always. (Rank 0 takes
+    the lock, which refuses a live holder; the other ranks must not probe it, since rank 0 may
+    already hold it.)"""
+    preflight(stage, cfg, record, probe_lock=False)
     joined = not dist.is_distributed()
     info = dist.init_distributed()
     layout = run_layout(cfg.output_dir)

@@ -172,3 +172,30 @@ def test_regular_install_puts_only_vitas_in_site_packages(tmp_path: Path) -> Non
     assert res.stdout.strip().splitlines()[-1] == "true"
     bare = subprocess.run([sys.executable, "-c", "import core"], capture_output=True, env=env, cwd=tmp_path)
     assert bare.returncode != 0  # no top-level `core` (or any other stage name) is installed
+
+
+def test_the_public_api_is_importable_from_vitas() -> None:
+    import vitas
+
+    for name in vitas.__all__:
+        assert getattr(vitas, name) is not None
+    with pytest.raises(AttributeError):
+        vitas.no_such_thing  # noqa: B018
+
+
+def test_every_file_the_docs_and_yamls_cite_exists() -> None:
+    """Paths like docs/X.md, yamls/X.yaml, slurm/X.sh, bench/X.py named in docs, YAMLs, scripts."""
+    import re
+
+    pattern = re.compile(r"(?<![\w/])((?:docs|yamls|slurm|bench|tests)/[A-Za-z0-9_.*-]+(?:/[A-Za-z0-9_.*-]+)*)")
+    sources = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("yamls/*.yaml"),
+               *ROOT.glob("slurm/*"), *ROOT.glob("slurm/*.md")]
+    missing = []
+    for source in sources:
+        for match in pattern.findall(source.read_text(errors="replace")):
+            path = match.rstrip(".,;:)")
+            if path.startswith(("bench/results/", "yamls/x.yaml")) or path.endswith("-"):
+                continue  # outputs of a run, and examples
+            if not (list(ROOT.glob(path)) if "*" in path else (ROOT / path).exists()):
+                missing.append(f"{source.relative_to(ROOT)}: {path}")
+    assert not missing, missing

@@ -29,7 +29,7 @@ from vitas.core.metrics import evaluate_accuracy
 from vitas.inference.convert import load_any_checkpoint
 from vitas.inference.hub import is_url
 from vitas.supernet.space import load_arch
-from vitas.supernet.static import StaticViT, full_model_args
+from vitas.supernet.models import model_from_args
 
 
 class LoadedModel(NamedTuple):
@@ -78,7 +78,7 @@ def load_model(path_or_url: str, sha256: Optional[str] = None, cache: Optional[s
             raise UserError(f"{path_or_url} is not a retrain checkpoint: 'model_args' and 'config' "
                             "must be mappings")
         try:
-            model = StaticViT(**full_model_args(ckpt["model_args"]))
+            model = model_from_args(ckpt["model_args"])  # StaticViT, or AsViT for a hierarchical arch
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise UserError(f"{path_or_url}: its model_args do not describe a model ({exc})") from None
         try:

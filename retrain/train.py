@@ -1,4 +1,4 @@
-"""Retraining: train the chosen architecture's static ViT with the DeiT recipe through timm.
+"""Retraining: train the chosen architecture's static model with the DeiT recipe through timm.
 
 The architecture comes from `retrain.arch` (a JSON file or inline JSON; `vitas retrain --arch`),
 else from `<output_dir>/search/arch.json`, and is validated against the config's space. Weights
@@ -9,8 +9,11 @@ the same weights, read by `vitas.supernet.checkpoint`). It trains on all of `tra
 (AdamW, warm-up + cosine, Mixup/CutMix, label smoothing, EMA, AMP on GPU, DDP, auto-resume from
 `<stage_dir>/last.pth`); val top-1/top-5 are measured after every epoch; progressive
 re-tokenization (`retrain.retokenize`, see `retrain.retokenize`) lowers the token count early on.
-The checkpoint holds "model" (StaticViT state dict), "arch", "model_args", "config", "space",
-"class_names" and the training state; the final metrics go to `<stage_dir>/summary.json`.
+An As-ViT architecture (`space.kind: asvit`) trains its `AsViT` from scratch (it has no
+superformer), re-tokenized on its first projection (`retrain.asvit_retokenize`).
+The checkpoint holds "model" (the StaticViT's or AsViT's state dict), "arch", "model_args",
+"config", "space", "class_names" and the training state; the final metrics go to
+`<stage_dir>/summary.json`.
 """
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
+from torch import nn
 
 from vitas.core import dist
 from vitas.core.checkpoint import load_checkpoint, write_json
@@ -34,11 +38,12 @@ from vitas.core.layout import RETRAIN, run_layout
 from vitas.core.logs import RunLogger
 from vitas.core.metrics import evaluate_accuracy
 from vitas.core.stage import Option, Stage, StageContext
+from vitas.retrain.asvit_retokenize import StemStage, apply_stem_stage, build_stem_schedule, stem_training_macs
 from vitas.retrain.retokenize import ElasticTokenViT, apply_stage, build_schedule, stage_at, training_macs
+from vitas.supernet.asvit import AsViT
 from vitas.supernet.checkpoint import inspect_superformer, read_superformer
-from vitas.supernet.complexity import arch_cost
-from vitas.supernet.space import SearchSpace, load_arch
-from vitas.supernet.static import full_model_args
+from vitas.supernet.models import complete_model_args
+from vitas.supernet.space import SearchSpace, load_arch, space_from_config
 
 log = logging.getLogger("vitas.retrain")
 
@@ -51,7 +56,39 @@ def read_arch(cfg: Config) -> dict:
         if not Path(source).is_file():
             raise UserError(f"architecture file not found: {source} (run the search first, or "
                             "pass --arch FILE)")
-    return SearchSpace(cfg.space).validate(load_arch(source, "retrain.arch"))
+    return space_from_config(cfg).validate(load_arch(source, "retrain.arch"))
+
+
+# ---------------------------------------------------------------- tokenization by kind of space
+class Tokenization(NamedTuple):
+    """How one kind of model is (re-)tokenized: the validated schedule of `retrain.retokenize`
+    rows, the model class that trains under it, how a stage is applied (weights untouched) and
+    the training MACs the schedule costs against full resolution."""
+
+    schedule: Callable[[dict, Sequence[Sequence[int]], int, int], list]  # (arch, rows, img_size, epochs)
+    model: type[nn.Module]
+    apply: Callable[[nn.Module, Any], None]
+    training_macs: Callable[..., dict]  # (arch, space, classes, schedule, epochs, images_per_epoch)
+
+
+TOKENIZATION = {  # by space.kind
+    # Flat ViT: the patch conv; the position embedding follows the grid (ElasticTokenViT).
+    "vit": Tokenization(lambda arch, rows, img, epochs: build_schedule(rows, arch["patch_size"], img, epochs),
+                        ElasticTokenViT, apply_stage, training_macs),
+    # As-ViT: its first projection (kernel K1, stride 4 at full resolution); no position embedding.
+    "asvit": Tokenization(lambda arch, rows, img, epochs: build_stem_schedule(rows, arch["stages"][0]["kernel"],
+                                                                              img, epochs),
+                          AsViT, apply_stem_stage, stem_training_macs),
+}
+
+
+def describe_stage(stage: Any) -> str:
+    """One log line's description of a schedule stage."""
+    if isinstance(stage, StemStage):
+        return (f"first projection stride {stage.stride} dilation {stage.dilation} -> stage grids "
+                f"{list(stage.grids)}, {stage.tokens} stage-1 tokens")
+    return (f"patch conv stride {stage.stride} dilation {stage.dilation} padding {stage.padding} -> "
+            f"{stage.tokens} tokens")
 
 
 def supernet_weights(cfg: Config, space: SearchSpace, arch: dict, classes: int) -> dict:
@@ -64,10 +101,13 @@ def supernet_weights(cfg: Config, space: SearchSpace, arch: dict, classes: int) 
 def check_training(cfg: Config, arch: dict, sec: RetrainConfig, out_dir: Path) -> None:
     """Every user error findable before training `arch` into `out_dir`: recipe, data, the
     re-tokenization schedule, the superformer to start from, and a last.pth it cannot continue."""
+    space = space_from_config(cfg)
+    if sec.init == "supernet" and cfg.space.kind == "asvit":
+        raise UserError("retrain.init=supernet needs a superformer, and an As-ViT space (space.kind: "
+                        "asvit) has none: retrain it with retrain.init=scratch")
     check_recipe(sec, "retrain")
     check_data_source(cfg.data, holdout=False)
-    build_schedule(sec.retokenize, arch["patch_size"], cfg.space.img_size, sec.epochs)
-    space = SearchSpace(cfg.space)
+    TOKENIZATION[cfg.space.kind].schedule(arch, sec.retokenize, cfg.space.img_size, sec.epochs)
     if sec.init == "supernet":
         inspect_superformer(cfg, space, num_classes(cfg.data))
     path = out_dir / "last.pth"
@@ -91,10 +131,11 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
     sec = cfg.retrain if epochs is None else dataclasses.replace(cfg.retrain, epochs=epochs)
     out_dir = Path(out_dir)
     info = dist.DistInfo(dist.get_rank(), dist.get_world_size(), 0, device or dist.default_device())
-    space = SearchSpace(cfg.space)
+    space = space_from_config(cfg)
     arch = space.validate(arch)
     classes, names = num_classes(cfg.data), class_names(cfg.data)
-    schedule = build_schedule(sec.retokenize, arch["patch_size"], cfg.space.img_size, sec.epochs)
+    tokenization = TOKENIZATION[cfg.space.kind]
+    schedule = tokenization.schedule(arch, sec.retokenize, cfg.space.img_size, sec.epochs)
     configure_determinism(sec.seed, sec.deterministic)
 
     train_set = build_dataset(cfg.data, "train", cfg.space.img_size, is_training=True)
@@ -106,7 +147,7 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
     mixup = create_mixup(cfg.data, classes)
     check_mixup_batch(mixup, "retrain.batch_size", sec.batch_size, info.world_size)
 
-    model = ElasticTokenViT(**space.model_args(arch, classes), drop_path=sec.drop_path)
+    model = tokenization.model(**space.model_args(arch, classes), drop_path=sec.drop_path)
     if sec.init == "supernet":
         model.load_state_dict(supernet_weights(cfg, space, arch, classes))
     extra = {"arch": arch, "model_args": model.model_args, "config": cfg.to_dict(),
@@ -121,7 +162,7 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
         """Refuse another space or architecture; take over the saved val metrics."""
         space.check_spec(state.get("space", {}), str(trainer.path))
         saved = state.get("model_args")
-        if not isinstance(saved, dict) or full_model_args(saved) != model.model_args:
+        if not isinstance(saved, dict) or complete_model_args(saved) != model.model_args:
             raise UserError(f"{trainer.path} was trained for another architecture or data set; "
                             "use a new output directory")
         last.update(state.get("val") or {})
@@ -129,7 +170,7 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
 
     if trainer.resume(check):
         log.info("resumed from %s at epoch %d (step %d)", trainer.path, *trainer.resumed_from)
-    macs = training_macs(arch, space, classes, schedule, sec.epochs, steps * sec.batch_size)
+    macs = tokenization.training_macs(arch, space, classes, schedule, sec.epochs, steps * sec.batch_size)
     if len(schedule) > 1:
         log.info("re-tokenization %s saves %.1f%% of the training MACs (%.3g vs %.3g)",
                  [(s["epochs"], s["tokens"]) for s in macs["stages"]], 100 * macs["saved_fraction"],
@@ -141,11 +182,10 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
     def on_epoch_start(epoch: int) -> None:
         stage = stage_at(schedule, epoch)
         for module in [model] + ([trainer.ema.module] if trainer.ema is not None else []):
-            apply_stage(module, stage)
+            tokenization.apply(module, stage)
         if len(schedule) > 1 and current.get("stage") != stage:
             current["stage"] = stage
-            log.info("epoch %d: patch conv stride %d dilation %d padding %d -> %d tokens",
-                     epoch + 1, stage.stride, stage.dilation, stage.padding, stage.tokens)
+            log.info("epoch %d: %s", epoch + 1, describe_stage(stage))
 
     def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
         images, target = (t.to(info.device, non_blocking=True) for t in batch)
@@ -179,7 +219,7 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
     with RunLogger(out_dir) as logger:
         trainer.fit(loader, train_step, logger, on_epoch_end=on_epoch_end,
                     on_epoch_start=on_epoch_start, desc="retrain")
-    cost = arch_cost(arch, space, classes)
+    cost = space.cost(arch, classes)
     summary = {"top1": last["top1"], "top5": last["top5"], "images": last["images"],
                **{k: last[k] for k in ("ema_top1", "ema_top5") if k in last},
                "best_top1": best["top1"], "epochs": sec.epochs, "arch": arch,

@@ -35,7 +35,6 @@ from vitas.search.algorithms import SearchAlgorithm, algorithm_class, create_alg
 from vitas.search.archive import Archive, Budget
 from vitas.search.report import entry, write_outputs
 from vitas.search.scoring import Scorer, create_scorer
-from vitas.supernet.complexity import arch_cost
 from vitas.supernet.space import SearchSpace, space_from_config
 
 log = logging.getLogger(__name__)
@@ -73,12 +72,15 @@ def signature(cfg: Config, scorer: Scorer) -> dict:
 
 def _cost_fn(cfg: Config, space: SearchSpace) -> Callable[[dict], Any]:
     classes = num_classes(cfg.data)
-    return lambda arch: arch_cost(arch, space, classes)
+    return lambda arch: space.cost(arch, classes)
 
 
 def check(cfg: Config) -> None:
     """Every user error findable before searching: budget and its feasibility, the scorer's
     inputs (superformer, hold-out, proxy options), and a saved state made under other settings."""
+    if cfg.space.kind == "asvit" and cfg.search.scorer == "accuracy":
+        raise UserError("search.scorer=accuracy needs a superformer, and an As-ViT space (space.kind: "
+                        "asvit) has none: search it training-free with search.scorer=proxy")
     space = space_from_config(cfg)
     scorer = create_scorer(cfg)
     scorer.check()

@@ -1,15 +1,25 @@
-"""Training-free auto-scaling, As-ViT Algorithm 2, adapted to the flat ViTs of this project.
+"""Training-free auto-scaling, As-ViT Algorithm 2: on As-ViT's own hierarchical models
+(`space.kind: asvit`) and adapted to the flat ViTs of this project.
 
-From a seed architecture, each step tries 4 depth moves x 4 width ratios {1.05, 1.1, 1.15, 1.2}:
+As-ViT (`supernet.asvit_scaling`): the seed's topology (kernels, splits, expansions, heads) starts
+at C = 32 with one block per stage; each step tries one more block in one of the 4 stages x 4
+width ratios of C (rounded up to whole multiples of lcm(4, H/8), duplicates offered once), until
+the parameter count reaches `scale.param_limit`.
+
+Flat ViTs: from a seed architecture, each step tries 4 depth moves x 4 width ratios {1.05, 1.1, 1.15, 1.2}:
 the depth move adds one layer to one of 4 stages (the seed's layers split into quarters; the new
 layer copies the stage's last layer, or its nearest neighbour when the stage is empty), and the
 ratio widens embed_dim and every attn_dim and mlp_dim, each rounded up to a multiple of the head
 count (of every layer for embed_dim; of the fixed head_dim, adding heads, in spaces that fix it).
 Candidates are ranked by L^E (descending) plus kappa (ascending); the best rank sum (first on ties)
 is kept, until the parameter count reaches `scale.param_limit`. Grown architectures leave
-the space's choices, so they are built as StaticViTs. Every grown architecture, its proxies,
-params and MACs go to `<output_dir>/scale/trajectory.json`, rewritten after each step; a rerun
-with the same seed and settings continues from it, and one with other settings is refused.
+the space's choices, so they are built as static models.
+
+Both: every grown architecture, its proxies, params and MACs go to
+`<output_dir>/scale/trajectory.json`, rewritten after each step, and each step's architecture to
+its own file `<output_dir>/scale/archs/step<k>-<params>M.json` (a record whose "arch" `--arch`
+reads); a rerun with the same seed and settings continues from the trajectory, and one with other
+settings is refused.
 """
 from __future__ import annotations
 
@@ -31,9 +41,12 @@ from vitas.core.errors import UserError
 from vitas.core.layout import SCALE, run_layout
 from vitas.core.stage import Option, Stage, StageContext
 from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores
-from vitas.supernet.complexity import arch_cost
-from vitas.supernet.space import SearchSpace, load_arch, space_from_config
-from vitas.supernet.static import StaticViT, check_arch
+from vitas.supernet import asvit_scaling
+from vitas.supernet.asvit import is_asvit_arch
+from vitas.supernet.asvit_space import to_genotype
+from vitas.supernet.models import create_model
+from vitas.supernet.space import load_arch, space_from_config
+from vitas.supernet.static import check_arch
 
 log = logging.getLogger("vitas.scale")
 
@@ -102,21 +115,22 @@ def best_choice(records: list[dict]) -> int:
 
 
 class Scaler:
-    """Runs Algorithm 2 for one config: builds static models and scores them with the proxies."""
+    """Runs Algorithm 2 for one config: builds static models (StaticViT or AsViT) and scores them
+    with the proxies."""
 
     def __init__(self, cfg: Config, images: Optional[torch.Tensor] = None):
         check_proxy_config(cfg.proxy)
         self.cfg = cfg
-        self.space: SearchSpace = space_from_config(cfg)
+        self.space = space_from_config(cfg)
         self.classes = num_classes(cfg.data)
         self.images = ntk_batch(cfg) if images is None else images
 
     def measure(self, arch: dict) -> dict:
-        """Proxies (L^E, kappa, valid), params and MACs of a static `arch`."""
+        """Proxies (L^E, kappa, valid), params and MACs of `arch`'s static model."""
         with torch.random.fork_rng(devices=[]):  # the constructor's own init is re-drawn anyway
-            model = StaticViT(**self.space.model_args(arch, self.classes))
+            model = create_model(self.space, arch, self.classes)
         scores = proxy_scores(model, None, self.images, self.cfg.proxy, curvature=False)
-        cost = arch_cost(arch, self.space, self.classes)
+        cost = self.space.cost(arch, self.classes)
         return {k: v for k, v in scores.items() if k != "curvature"} | {"params": cost.params, "macs": cost.macs}
 
     def step(self, arch: dict, stages: list[int]) -> dict:
@@ -136,12 +150,21 @@ class Scaler:
 
 
 def seed_arch(cfg: Config) -> dict:
-    """`scale.seed_arch` read and checked: whole positive sizes, consistent layer lists, a patch
-    that divides the image (UserErrors naming the field)."""
+    """`scale.seed_arch` read and checked: for As-ViT, a topology of the space, started at C = 32
+    with one block per stage (Algorithm 2; its own width and depths are not used); for a flat ViT,
+    whole positive sizes, consistent layer lists, a patch that divides the image (UserErrors
+    naming the field)."""
     if not cfg.scale.seed_arch:
         raise UserError("scale.seed_arch is not set (pass --seed-arch FILE_OR_JSON)")
+    raw = load_arch(cfg.scale.seed_arch, "--seed-arch")
+    if cfg.space.kind == "asvit":
+        try:
+            topology = space_from_config(cfg).validate(raw)
+        except UserError as exc:
+            raise UserError(f"--seed-arch: {exc}") from None
+        return asvit_scaling.scaling_seed(topology)
     try:
-        arch = check_arch(load_arch(cfg.scale.seed_arch, "--seed-arch"))
+        arch = check_arch(raw)
     except ValueError as exc:
         raise UserError(f"--seed-arch: {exc}") from None
     if cfg.space.img_size % arch["patch_size"]:
@@ -152,9 +175,28 @@ def seed_arch(cfg: Config) -> dict:
 
 def _header(cfg: Config, seed: dict) -> dict:
     """What a trajectory depends on: seed, limit, proxy options, space, the moves."""
+    ratios = asvit_scaling.RATIOS if cfg.space.kind == "asvit" else RATIOS
     return json.loads(json.dumps({"seed_arch": seed, "param_limit": cfg.scale.param_limit,
                                   "proxy": dataclasses.asdict(cfg.proxy), "space": cfg.space.name,
-                                  "ratios": list(RATIOS), "stages": STAGES}))
+                                  "ratios": list(ratios), "stages": STAGES}))
+
+
+def arch_file(folder: Path, step: dict) -> Path:
+    """`<folder>/step<k>-<params>M.json`: the file of one trajectory step's architecture."""
+    return folder / f"step{step['step']:03d}-{step['params'] / 1e6:.2f}M.json"
+
+
+def write_arch_files(traj: dict, folder: Path) -> None:
+    """One file per step of `traj` (those not yet written): the architecture with its step,
+    params, MACs and proxies (and As-ViT's genotype string), written atomically."""
+    for step in traj["steps"]:
+        path = arch_file(folder, step)
+        if not path.is_file():
+            record = {"arch": step["arch"], "step": step["step"], "params": step["params"], "macs": step["macs"],
+                      "length_distortion": step["length_distortion"], "ntk_condition": step["ntk_condition"]}
+            if is_asvit_arch(step["arch"]):
+                record["genotype"] = to_genotype(step["arch"])
+            write_json(record, path)
 
 
 def check(cfg: Config) -> None:
@@ -176,42 +218,79 @@ def check(cfg: Config) -> None:
 
 def scale(cfg: Config, seed: dict, path: Path, images: Optional[torch.Tensor] = None) -> dict:
     """Grow `seed` until `scale.param_limit`, continuing the trajectory in `path` (written after
-    every step); returns it."""
+    every step, with each step's architecture file in `path.parent / "archs"`); returns it."""
     limit = cfg.scale.param_limit
     scaler = Scaler(cfg, images)
     header = _header(cfg, seed)
     traj = json.loads(path.read_text()) if path.is_file() else None
+    archs = path.parent / "archs"
+    if cfg.space.kind == "asvit":
+        return _scale_asvit(scaler, header, traj, path, archs)
     if not traj or not traj.get("steps"):
         measured = scaler.measure(seed)
         first = {"step": 0, "arch": seed, "stages": seed_stages(seed["depth"]), "choice": None,
                  **measured}
         traj = dict(header, steps=[first])
         write_json(traj, path)
+    write_arch_files(traj, archs)
     while traj["steps"][-1]["params"] < limit:
         last = traj["steps"][-1]
         grown = {"step": last["step"] + 1, **scaler.step(last["arch"], last["stages"])}
         traj["steps"].append(grown)
         write_json(traj, path)
+        write_arch_files(traj, archs)
         log.info("scale step %d: stage %d x%.2f -> params %d macs %d L^E %.4g kappa %.4g",
                  grown["step"], grown["choice"]["stage"], grown["choice"]["ratio"], grown["params"],
                  grown["macs"], grown["length_distortion"], grown["ntk_condition"])
     return traj
 
 
+def _scale_asvit(scaler: Scaler, header: dict, traj: Optional[dict], path: Path, archs: Path) -> dict:
+    """As-ViT's Algorithm 2 (`supernet.asvit_scaling.grow`) from `header`'s seed, continuing
+    `traj` after its last step; the trajectory and the step's architecture file are written after
+    every step."""
+    limit = header["param_limit"]
+    start = traj["steps"][-1] if traj and traj.get("steps") else None
+    if start is None:
+        traj = dict(header, steps=[])
+    write_arch_files(traj, archs)
+    for record in asvit_scaling.grow(header["seed_arch"], scaler.measure, best_choice, limit, start=start):
+        traj["steps"].append(record)
+        write_json(traj, path)
+        write_arch_files(traj, archs)
+        if record["choice"] is not None:
+            log.info("scale step %d: stage %d x%.2f -> %s params %d macs %d L^E %.4g kappa %.4g",
+                     record["step"], record["choice"]["stage"] + 1, record["choice"]["ratio"],
+                     to_genotype(record["arch"]), record["params"], record["macs"],
+                     record["length_distortion"], record["ntk_condition"])
+    if traj["steps"][-1]["params"] < limit:
+        raise UserError(f"every scaling candidate of {json.dumps(traj['steps'][-1]['arch'])} has an "
+                        "invalid NTK; try other proxy settings (proxy.ntk_images, proxy.seed)")
+    return traj
+
+
 def run(cfg: Config, ctx: StageContext) -> dict:
     """Stage entry (`vitas scale`, `vitas submit scale`): grow `scale.seed_arch`."""
-    traj = scale(cfg, seed_arch(cfg), run_layout(cfg.output_dir).scale_trajectory)
+    path = run_layout(cfg.output_dir).scale_trajectory
+    traj = scale(cfg, seed_arch(cfg), path)
     last = traj["steps"][-1]
     return {"arch": last["arch"], "params": last["params"], "macs": last["macs"],
-            "steps": len(traj["steps"]) - 1, "trajectory": traj["steps"],
-            "output": str(run_layout(cfg.output_dir).scale_trajectory)}
+            "steps": len(traj["steps"]) - 1, "trajectory": traj["steps"], "output": str(path),
+            "archs": str(path.parent / "archs")}
+
+
+def _depth(arch: dict) -> str:
+    """The depth column: a flat ViT's layer count, As-ViT's blocks per stage (e.g. 3-1-4-2)."""
+    if "stages" in arch:
+        return "-".join(str(s["depth"]) for s in arch["stages"])
+    return str(arch["depth"])
 
 
 def _report(summary: dict) -> list[str]:
-    lines = [f"{'step':>4} {'depth':>5} {'embed':>5} {'params':>12} {'macs':>14} {'L^E':>10} {'kappa':>10}"]
+    lines = [f"{'step':>4} {'depth':>9} {'embed':>5} {'params':>12} {'macs':>14} {'L^E':>10} {'kappa':>10}"]
     for s in summary["trajectory"]:
         a = s["arch"]
-        lines.append(f"{s['step']:>4} {a['depth']:>5} {a['embed_dim']:>5} {s['params']:>12,} "
+        lines.append(f"{s['step']:>4} {_depth(a):>9} {a['embed_dim']:>5} {s['params']:>12,} "
                      f"{s['macs']:>14,} {s['length_distortion']:>10.4g} "
                      f"{s['ntk_condition'] or float('nan'):>10.4g}")
     return lines
@@ -223,9 +302,11 @@ STAGE = Stage(
                     "(may lie outside the space); default scale.seed_arch", metavar="FILE_OR_JSON"),),
     help="grow a seed architecture by L^E and NTK condition (As-ViT Algorithm 2)",
     description="Training-free auto-scaling: from the seed architecture, each step tries 4 depth "
-    "moves (one more layer in one quarter of the network) x 4 width ratios {1.05, 1.1, 1.15, 1.2} "
-    "and keeps the best rank sum of L^E (descending) and NTK condition (ascending), until "
-    "scale.param_limit parameters. Writes OUTPUT_DIR/scale/trajectory.json (every grown "
-    "architecture with proxies, params, MACs); a rerun continues it. The last line of stdout is "
-    "a JSON object {arch, params, macs, steps, output}.",
+    "moves (one more layer in one quarter of the network; for As-ViT, space.kind: asvit, one more "
+    "block in one of its 4 stages, starting from the seed topology at C = 32 with one block per "
+    "stage) x 4 width ratios {1.05, 1.1, 1.15, 1.2} and keeps the best rank sum of L^E "
+    "(descending) and NTK condition (ascending), until scale.param_limit parameters. Writes "
+    "OUTPUT_DIR/scale/trajectory.json (every grown architecture with proxies, params, MACs) and "
+    "one architecture file per step, OUTPUT_DIR/scale/archs/step<k>-<params>M.json; a rerun "
+    "continues it. The last line of stdout is a JSON object {arch, params, macs, steps, output}.",
     last_line=("arch", "params", "macs", "steps", "output"))

@@ -2,7 +2,9 @@
 
 A uniform architecture (one patch size, the same heads and MLP width in every layer,
 attn_dim == embed_dim, no relative positions) becomes a stock timm `VisionTransformer`; any
-other one becomes `vitas_vit` (`supernet.static.StaticViT`, registered with timm on import).
+other flat one becomes `vitas_vit` (`supernet.static.StaticViT`), and an As-ViT one
+`vitas_asvit` (`supernet.asvit.AsViT`), both registered with timm when `vitas.supernet` is
+imported.
 Both are written by `timm.models._hub.save_for_hf`, so `timm.create_model('local-dir:DIR',
 pretrained=True)` rebuilds the model exactly; config.json also records the architecture under
 `vitas_arch`. The folder is written to a temporary sibling and renamed into place.
@@ -22,6 +24,7 @@ from timm.models._hub import save_for_hf
 
 from vitas.core.checkpoint import usual_permissions
 from vitas.core.errors import UserError
+from vitas.supernet.asvit import AsViT, is_asvit_arch
 from vitas.supernet.model import Superformer
 from vitas.supernet.static import TIMM_OPTIONS, StaticViT, full_model_args
 
@@ -59,24 +62,36 @@ def timm_vit_args(model_args: dict) -> dict:
     )
 
 
+def timm_target(model_args: dict) -> tuple[str, dict]:
+    """(timm model name, its constructor arguments) that rebuild a static model: `vitas_asvit`
+    for As-ViT, a stock timm ViT for a uniform flat one, else `vitas_vit`."""
+    if is_asvit_arch(model_args["arch"]):
+        return "vitas_asvit", dict(model_args)
+    if is_uniform(model_args):
+        return TIMM_VIT, timm_vit_args(model_args)
+    return "vitas_vit", dict(model_args)
+
+
 def _pretrained_cfg(name: str, model_args: dict) -> dict:
     """timm's record of the weights: our own preprocessing defaults, not those of the entry
-    point's published checkpoints."""
+    point's published checkpoints (As-ViT takes any image size: no fixed input size)."""
     size = model_args["img_size"]
+    asvit = name == "vitas_asvit"
     return dict(
         architecture=name, num_classes=model_args["num_classes"],
-        input_size=(model_args["in_chans"], size, size), fixed_input_size=True,
+        input_size=(model_args["in_chans"], size, size), fixed_input_size=not asvit,
         interpolation="bicubic", crop_pct=0.875, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="patch_embed.proj", classifier="head",
+        first_conv="stem.proj" if asvit else "patch_embed.proj", classifier="head.fc" if asvit else "head",
     )
 
 
 def export(
-    model: Union[StaticViT, tuple[Superformer, dict]],
+    model: Union[StaticViT, AsViT, tuple[Superformer, dict]],
     out_dir: Union[str, os.PathLike],
     data_config: Optional[dict] = None,
 ) -> Path:
-    """Write `model` (a StaticViT, or a (superformer, arch) pair, extracted first) to `out_dir`.
+    """Write `model` (a StaticViT or AsViT, or a (superformer, arch) pair, extracted first) to
+    `out_dir`.
 
     `data_config` (e.g. mean, std, interpolation, crop_pct) is recorded as the model's
     preprocessing (default: ImageNet mean/std, bicubic, crop 0.875). Returns the folder. An
@@ -91,10 +106,7 @@ def export(
     else:
         static = model
     args = dict(static.model_args)
-    if is_uniform(args):
-        name, build_args = TIMM_VIT, timm_vit_args(args)
-    else:
-        name, build_args = "vitas_vit", args
+    name, build_args = timm_target(args)
     target = timm.create_model(name, pretrained=False, pretrained_cfg=_pretrained_cfg(name, args), **build_args)
     target.load_state_dict({k: v.detach().cpu() for k, v in static.state_dict().items()})
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,9 @@ def validation_archs(space: SearchSpace, count: int, seed: int) -> dict[str, dic
 def check(cfg: Config) -> None:
     """Every user error findable before training: settings, space, data, and a last.pth this run
     could not continue (another space or data split, more epochs than asked)."""
+    if cfg.space.kind == "asvit":
+        raise UserError("an As-ViT space (space.kind: asvit) has no superformer to train: As-ViT "
+                        "searches training-free (vitas search search.scorer=proxy) and retrains from scratch")
     sec = cfg.supernet
     check_recipe(sec, "supernet")
     if sec.sampling == "bcnet" and not cfg.space.channels.bilateral:

@@ -1,6 +1,8 @@
 """`search.scorer: proxy`: As-ViT's training-free scores (length distortion up, NTK condition down).
 
-Each architecture is a subnet of a fresh superformer, re-initialised per seed (`search.proxies`).
+A flat ViT is scored as a subnet of a fresh superformer, re-initialised per seed
+(`search.proxies`); an As-ViT architecture (`space.kind: asvit`, which has no superformer) on its
+own freshly built `AsViT`, re-drawn whole per seed.
 Fitness over a set of records is `proxy.combine`: `rank_sum` (As-ViT Algorithm 2: rank by
 L^E descending plus rank by kappa ascending, weighted by `proxy.weights`, negated so that
 higher is better) or `weighted` (w1 log L^E - w2 log kappa). RL rewards the range-normalised
@@ -16,11 +18,13 @@ import torch
 import dataclasses
 
 from vitas.core.config import Config
-from vitas.core.data import check_data_source, split_settings, transform_settings
+from vitas.core.data import check_data_source, num_classes, split_settings, transform_settings
 from vitas.core.errors import UserError
 from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
 from vitas.search.scoring.base import Scorer, rank_sum, valid_mask, worst_for_invalid
+from vitas.supernet.asvit_space import AsVitSpace
 from vitas.supernet.model import Superformer
+from vitas.supernet.models import create_model
 from vitas.supernet.space import space_from_config
 
 # proxy.* options that only change how the numbers are computed, not the numbers.
@@ -57,17 +61,33 @@ class ProxyScorer(Scorer):
         return {**options, **split_settings(self.cfg.data),
                 "transform": transform_settings(self.cfg.data, self.cfg.space.img_size, False)}
 
+    @property
+    def hierarchical(self) -> bool:
+        """Whether architectures are scored on their own As-ViT models (no superformer)."""
+        return isinstance(self.space, AsVitSpace)
+
     def setup(self) -> None:
-        """Build the superformer and read the NTK images (idempotent)."""
-        if self._model is None:
+        """Read the NTK images and, for a flat space, build the superformer (idempotent)."""
+        if self._images is None:
             self._images = ntk_batch(self.cfg, self.device)
+        if self._model is None and not self.hierarchical:
             self._model = proxy_superformer(self.cfg, self.device)
 
-    def compute(self, archs: list[dict]) -> list[dict]:
-        """L^E, kappa and validity of each architecture (curvature is left out: search never uses it)."""
+    def compute(self, archs: list[dict], curvature: bool = False) -> list[dict]:
+        """L^E, kappa and validity of each architecture, and its curvature when asked (search
+        never uses it; `vitas proxy` and the ranking study do)."""
         self.setup()
-        records = proxy_scores_many(self._model, archs, self._images, self.cfg.proxy, curvature=False)
-        return [{k: v for k, v in r.items() if k != "curvature"} for r in records]
+        if self.hierarchical:
+            records = [self._own_model_scores(arch, curvature) for arch in archs]
+        else:
+            records = proxy_scores_many(self._model, archs, self._images, self.cfg.proxy, curvature=curvature)
+        return [r if curvature else {k: v for k, v in r.items() if k != "curvature"} for r in records]
+
+    def _own_model_scores(self, arch: dict, curvature: bool) -> dict:
+        """Proxies of `arch` on its own freshly built model (every tensor re-drawn per init)."""
+        with torch.random.fork_rng(devices=[]):  # the constructor's init is re-drawn anyway
+            model = create_model(self.space, arch, num_classes(self.cfg.data)).to(self.device).eval()
+        return proxy_scores_many(model, [None], self._images, self.cfg.proxy, curvature=curvature)[0]
 
     def fitness(self, records: Sequence[dict]) -> np.ndarray:
         """Higher is better over all `records`: negated weighted rank sum, or w1 log L^E - w2 log kappa."""

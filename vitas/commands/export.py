@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export", help="export a model as a timm folder (config.json + model.safetensors)",
         description="Export a subnet of a superformer checkpoint (with --arch) or a retrained model "
         "as a folder that timm.create_model('local-dir:OUT_DIR', pretrained=True) loads (import "
-        "supernet first for non-uniform architectures, which export as vitas_vit).")
+        "supernet first for non-uniform architectures, which export as vitas_vit, and for As-ViT "
+        "models, which export as vitas_asvit).")
     parser.add_argument("--checkpoint", required=True, help="superformer or retrain checkpoint (.pth)")
     parser.add_argument("--arch", metavar="FILE_OR_JSON",
                         help="architecture to extract (required for a superformer checkpoint)")
@@ -39,14 +40,14 @@ def _export(args: argparse.Namespace) -> None:
     from vitas.core.config import config_from_dict
     from vitas.supernet.export import export
     from vitas.supernet.model import Superformer
+    from vitas.supernet.models import model_from_args
     from vitas.supernet.space import SearchSpace, load_arch
-    from vitas.supernet.static import StaticViT
 
     state = load_checkpoint(args.checkpoint)
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{args.checkpoint} holds no 'model' state")
     if "arch" in state and "model_args" in state:
-        static = StaticViT(**state["model_args"])
+        static = model_from_args(state["model_args"])  # StaticViT, or AsViT for a hierarchical arch
         if args.arch is not None and load_arch(args.arch) != static.arch:
             raise UserError(f"--arch differs from the architecture recorded in {args.checkpoint}")
         static.load_state_dict(model_weights(state, args.checkpoint, args.ema))

@@ -43,7 +43,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -184,6 +184,14 @@ def variant_records(cache: dict) -> tuple[list[int], list[dict], int]:
     return idx, [mean_record(values[i], count) for i in idx], count
 
 
+def init_agreement(cache: dict) -> dict[str, Optional[float]]:
+    """Kendall tau between each proxy's values at init 0 and at init 1 over the architectures:
+    how much of a proxy's ranking is the architecture's and how much the draw's."""
+    inits = [v for v in cache["values"].values() if len(v) >= 2]
+    return {n: stats.estimate([v[0][n] for v in inits], [v[1][n] for v in inits])
+            for n in STUDY_NAMES if PROXIES[n].per_init}
+
+
 def report(results: Path) -> dict:
     """Statistics of every score against every target (see the module docstring)."""
     rows = json.loads(DATA.read_text())
@@ -200,9 +208,9 @@ def report(results: Path) -> dict:
         out["variants"][variant] = {
             "archs": len(idx), "inits": count, "seconds_per_arch": float(np.mean([r["seconds"] for r in recs])),
             "invalid": {n: sum(r[n] is None for r in recs) for n in STUDY_NAMES},
-            "kendall_with_params": {n: stats.correlation([r[n] for r in recs], [r["params"] for r in recs],
-                                                         n_resamples=RESAMPLES)["estimate"]
-                                    for n in STUDY_NAMES if n != "params"}}
+            "kendall_with_params": {n: stats.estimate([r[n] for r in recs], [r["params"] for r in recs])
+                                    for n in STUDY_NAMES if n != "params"},
+            "kendall_init0_init1": init_agreement(cache) if count >= 2 else None}
     for target in TARGETS:
         variant = target_variant(target)
         if variant not in records_of:

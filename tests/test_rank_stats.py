@@ -51,12 +51,14 @@ def test_invalid_scores_are_left_out_and_counted() -> None:
     c = stats.correlation(with_bad, list(target) + [5.0, 6.0, 7.0], n_resamples=200)
     assert c["invalid"] == 3 and c["n"] == 30
     assert c["estimate"] == pytest.approx(kendalltau(score, target).statistic)
+    assert stats.estimate(with_bad, list(target) + [5.0, 6.0, 7.0]) == c["estimate"]
 
 
 def test_a_constant_score_is_degenerate_and_never_ranked() -> None:
     _, target = noisy(20)
     c = stats.correlation([2.0] * 20, target, n_resamples=200)
     assert c["degenerate"] and c["estimate"] is None and c["low"] is None
+    assert stats.estimate([2.0] * 20, target) is None
     assert stats.top_k_overlap([2.0] * 20, target, 5) is None and stats.regret([2.0] * 20, target) is None
     assert stats.banded_correlation([2.0] * 20, target, target, bands=2)["estimate"] is None
 

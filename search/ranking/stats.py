@@ -59,6 +59,15 @@ def _interval(data: tuple[np.ndarray, ...], statistic: Callable[..., float], con
     return _nan_none(res.confidence_interval.low), _nan_none(res.confidence_interval.high)
 
 
+def estimate(score: Values, target: Values, method: str = "kendall") -> Optional[float]:
+    """The correlation alone over the valid pairs (no interval); None when either is degenerate."""
+    ok = valid_mask(score, target)
+    x, y = as_array(score)[ok], as_array(target)[ok]
+    if len(x) < 3 or is_degenerate(x) or is_degenerate(y):
+        return None
+    return _nan_none(METHODS[method](x, y))
+
+
 def correlation(score: Values, target: Values, method: str = "kendall", confidence: float = 0.95,
                 n_resamples: int = 2000, seed: int = 0) -> dict:
     """{"estimate", "low", "high", "n", "invalid", "degenerate"} of the score against the target."""

@@ -1,15 +1,17 @@
 """Time a model on a deployment setting: device, batch size, precision, threads, runtime.
 
-`measure_module` runs warm-up calls, then `repeats` timed calls, and reports the median and the
-inter-quartile range. `measure_arch` does it for the static model of an architecture
-(`StaticViT`, what `Superformer.extract` returns; latency does not depend on the weight values).
-`describe_machine` says what the numbers hold for. Backends: `eager` (PyTorch), `compile`
-(`torch.compile`), `onnx` (an exported graph run by onnxruntime, when it is installed).
+`measure_modules` times several models in turn (rounds of `warmup` untimed and `repeats` timed
+calls each) and reports each one's median and inter-quartile range; `measure_module` and
+`measure_arch` (the static model of an architecture, as `Superformer.extract` returns it; latency
+does not depend on the weight values) time one. `describe_machine` says what the numbers hold
+for. Backends: `eager` (PyTorch), `compile` (`torch.compile`), `onnx` (an exported graph run by
+onnxruntime, when it is installed).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import platform
 import statistics
@@ -69,11 +71,9 @@ class LatencySetting:
             if self.precision != "fp32":
                 raise UserError(f"latency.backend=onnx times fp32 graphs only, got latency.precision={self.precision}")
             for module in ("onnx", "onnxruntime", "onnxscript"):
-                try:
-                    __import__(module)
-                except ImportError:
+                if importlib.util.find_spec(module) is None:
                     raise UserError(f"latency.backend=onnx needs the '{module}' package: "
-                                    f"pip install onnx onnxscript onnxruntime") from None
+                                    "pip install onnx onnxscript onnxruntime")
 
 
 @dataclass
@@ -168,6 +168,8 @@ def _onnx_runner(model: nn.Module, x: torch.Tensor, setting: LatencySetting,
     options.intra_op_num_threads = setting.threads
     options.inter_op_num_threads = 1
     providers = ["CUDAExecutionProvider"] if setting.device == "cuda" else ["CPUExecutionProvider"]
+    if providers[0] not in ort.get_available_providers():
+        raise UserError(f"this onnxruntime has no {providers[0]} (for CUDA: pip install onnxruntime-gpu)")
     session = ort.InferenceSession(path, options, providers=providers)
     name = session.get_inputs()[0].name
     feed = {name: x.cpu().numpy()}

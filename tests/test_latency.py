@@ -91,6 +91,8 @@ def test_built_model_holds_its_measurements_and_a_rerun_reuses_them(built) -> No
     for s in model.samples:
         assert loaded.predict(s["arch"]) == model.predict(s["arch"])
     assert loaded.describe()["setting"]["batch_size"] == 1 and 0 <= loaded.margin
+    again_here = loaded.measure(model.samples[0]["arch"], repeats=3)  # same machine: re-measuring is allowed
+    assert len(again_here.samples_ms) == 3 * FAST.rounds and again_here.median_ms > 0
 
 
 def test_spread_archs_are_distinct_and_span_the_macs_range() -> None:

@@ -181,7 +181,12 @@ class SupernetConfig(TrainingRecipe):
 
     clip_grad: Optional[float] = 5.0
     sampling: str = choice("uniform", "uniform", "autoslim", "bcnet", "sandwich")
-    distill: bool = False
+    distill: bool = False  # in-place distillation from the max subnet (added as a pass if needed)
+    distill_loss: str = choice("kl", "kl", "alpha")  # soft cross-entropy, or AlphaNet's bounded alpha-divergence
+    cost_sampling: str = choice("genes", "genes", "macs_bins")  # macs_bins: ElasticViT's complexity-aware draws
+    cost_bins: int = at_least(8, 1)
+    grad_projection: bool = False  # NASViT: project the others' gradient off a conflict with the max subnet's
+    max_warmup_epochs: int = at_least(0, 0)  # first epochs train the max subnet alone
     val_random_archs: int = at_least(3, 0)
     checkpoint: Optional[str] = None  # default: <output_dir>/supernet/last.pth
     weights: str = choice("auto", "auto", "ema", "raw")  # auto: EMA when the checkpoint has it

@@ -250,6 +250,16 @@ def check_same_across_ranks(value: Any, what: str) -> None:
         raise RuntimeError(f"ranks disagree on {what}: {values}")
 
 
+def project_off(g: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """`g` without its component against `direction` when the two conflict (negative dot
+    product); `g` unchanged otherwise."""
+    dot = torch.dot(g, direction)
+    norm2 = torch.dot(direction, direction)
+    if dot >= 0 or norm2 == 0:
+        return g
+    return g - (dot / norm2) * direction
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return next((line for line in lines if "size mismatch" in line or "Missing" in line or
@@ -343,6 +353,36 @@ class Trainer:
             self.ema.update(self.model, step=self.global_step)
         self.scheduler.step_update(num_updates=self.global_step)
         return out
+
+    def take_gradients(self) -> dict[nn.Parameter, torch.Tensor]:
+        """The gradients accumulated so far (rank-local), cleared from the parameters."""
+        grads = {p: p.grad for p in self.model.parameters() if p.grad is not None}
+        for p in grads:
+            p.grad = None
+        return grads
+
+    def merge_projected(self, first: dict[nn.Parameter, torch.Tensor]) -> float:
+        """Set the gradients to `first` plus the gradients accumulated since, the latter projected
+        off `first` where they conflict (PCGrad / NASViT: g2 - (g1.g2 / |g1|^2) g1 when g1.g2 < 0),
+        both averaged over ranks first (the passes ran without DDP's all-reduce). Returns the
+        cosine between the two before projection."""
+        params = [p for p in self.model.parameters() if p.grad is not None or p in first]
+        g1 = torch.cat([first[p].reshape(-1) if p in first else torch.zeros(p.numel(), device=p.device)
+                        for p in params]).float()
+        g2 = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
+                        for p in params]).float()
+        if dist.is_distributed():
+            both = torch.stack([g1, g2])
+            torch.distributed.all_reduce(both)
+            g1, g2 = both / dist.get_world_size()
+        dot, norm1, norm2 = torch.dot(g1, g2), g1.norm(), g2.norm()
+        cosine = float(dot / (norm1 * norm2)) if norm1 > 0 and norm2 > 0 else 0.0
+        merged = g1 + project_off(g2, g1)
+        offset = 0
+        for p in params:
+            p.grad = merged[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        return cosine
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

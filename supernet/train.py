@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,7 +30,7 @@ from vitas.core.config import Config, require_file
 from vitas.core.data import (build_splits, check_data_source, check_mixup_batch, create_loader,
                              create_loss, create_mixup, num_classes, split_settings)
 from vitas.core.engine import (Trainer, check_recipe, check_resume, check_same_across_ranks,
-                               configure_determinism, create_train_loader, derive_seed)
+                               configure_determinism, create_train_loader)
 from vitas.core.errors import UserError
 from vitas.core.layout import SUPERNET, run_layout
 from vitas.core.logs import RunLogger
@@ -39,50 +38,10 @@ from vitas.core.metrics import evaluate_accuracy
 from vitas.core.stage import Stage, StageContext
 from vitas.supernet.model import Superformer
 from vitas.supernet.pretrained import check_timm_init, init_from_timm
+from vitas.supernet.sampling import SubnetSampler, is_bilateral, validation_archs
 from vitas.supernet.space import SearchSpace
-_STEP_STREAM, _VAL_STREAM = 1, 2  # separate seed streams: per-step subnets, validation subnets
 
 log = logging.getLogger("vitas.supernet")
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One forward/backward of a step: a subnet on one side, named for its logged loss."""
-
-    name: str
-    arch: dict
-    side: str = "left"
-
-
-def is_bilateral(space: SearchSpace) -> bool:
-    """Whether any dimension uses the bilateral (BCNet) policy, i.e. a right pass exists."""
-    return space.cfg.channels.bilateral
-
-
-def step_passes(space: SearchSpace, sampling: str, seed: int, step: int) -> list[Pass]:
-    """The subnets of global step `step`: a function of (seed, step) only, so equal on all ranks."""
-    rng = np.random.default_rng(derive_seed(seed, _STEP_STREAM, step))
-    arch = space.sample(rng)
-    if sampling == "uniform":
-        side = "right" if is_bilateral(space) and rng.integers(2) else "left"
-        return [Pass("rand", arch, side)]
-    if sampling == "autoslim":
-        return [Pass("rand", arch, "left")]
-    if sampling == "bcnet":
-        return [Pass("left", arch, "left"), Pass("right", arch, "right")]
-    if sampling == "sandwich":  # min and random on one side per step, as uniform draws it
-        side = "right" if is_bilateral(space) and rng.integers(2) else "left"
-        return [Pass("max", space.max_arch()), Pass("min", space.min_arch(), side),
-                Pass("rand", arch, side)]
-    raise ValueError(f"unknown sampling {sampling!r}")  # the config schema admits no other
-
-
-def validation_archs(space: SearchSpace, count: int, seed: int) -> dict[str, dict]:
-    """The fixed subnets validated every epoch: max, min and `count` seeded random ones."""
-    rng = np.random.default_rng(derive_seed(seed, _VAL_STREAM))
-    archs = {"max": space.max_arch(), "min": space.min_arch()}
-    archs.update({f"rand{i}": space.sample(rng) for i in range(count)})
-    return archs
 
 
 def check(cfg: Config) -> None:
@@ -96,8 +55,9 @@ def check(cfg: Config) -> None:
     if sec.sampling == "bcnet" and not cfg.space.channels.bilateral:
         raise UserError("supernet.sampling=bcnet needs a bilateral channel policy in space.channels "
                         "(embed, attn or mlp): without one the right pass repeats the left")
-    if sec.distill and sec.sampling != "sandwich":
-        raise UserError("supernet.distill needs supernet.sampling=sandwich (the max subnet teaches)")
+    if sec.max_warmup_epochs >= sec.epochs:
+        raise UserError(f"supernet.max_warmup_epochs={sec.max_warmup_epochs} leaves no epoch for the "
+                        f"other subnets (supernet.epochs={sec.epochs})")
     space = SearchSpace(cfg.space)
     check_data_source(cfg.data, holdout=True)
     if sec.init:
@@ -119,8 +79,33 @@ def _check_split(state: dict, cfg: Config, path: Any) -> None:
                         f"this config has {split_settings(cfg.data).get(changed)!r} (use another output_dir)")
 
 
-def make_train_step(trainer: Trainer, space: SearchSpace, cfg: Config, mixup: Optional[Mixup],
-                    criterion: torch.nn.Module) -> Callable[[Any], dict]:
+ALPHA_RANGE, ALPHA_CLIP = (-1.0, 1.0), 5.0  # AlphaNet's alpha_min, alpha_max and ratio clip
+
+
+def distill_loss(logits: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """The student's loss against the teacher's probabilities (no gradient into the teacher).
+
+    `kl`: soft cross-entropy, -sum p log q. `alpha` (AlphaNet): the larger of the two
+    alpha-divergences D_a(p || q) = sum q ((p/q)^a - 1) / (a (a - 1)) at a = -1 and a = +1 (its
+    limit there, KL(p || q) = sum q r log r with r = p/q), with r clipped to [1/5, 5] so that
+    neither an over- nor an under-estimate of the teacher's uncertainty gives an unbounded
+    gradient."""
+    teacher = teacher.detach()
+    if kind == "kl":
+        return torch.sum(-teacher * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    q = F.softmax(logits.float(), dim=-1)
+    ratio = (teacher / q.clamp_min(1e-12)).clamp(1.0 / ALPHA_CLIP, ALPHA_CLIP)
+    losses = []
+    for a in ALPHA_RANGE:
+        if a == 1.0:
+            losses.append((q * ratio * ratio.log()).sum(dim=-1))
+        else:
+            losses.append((q * (ratio ** a - 1)).sum(dim=-1) / (a * (a - 1)))
+    return torch.maximum(*losses).mean()
+
+
+def make_train_step(trainer: Trainer, sampler: SubnetSampler, space: SearchSpace, cfg: Config,
+                    mixup: Optional[Mixup], criterion: torch.nn.Module) -> Callable[[Any], dict]:
     """The per-step function for `Trainer.fit`: the step's passes on one batch, losses summed."""
     sec = cfg.supernet
     model: Superformer = trainer.model  # type: ignore[assignment]
@@ -129,24 +114,29 @@ def make_train_step(trainer: Trainer, space: SearchSpace, cfg: Config, mixup: Op
         images, target = (t.to(trainer.device, non_blocking=True) for t in batch)
         if mixup is not None:
             images, target = mixup(images, target)
-        passes = step_passes(space, sec.sampling, sec.seed, trainer.global_step)
+        passes = sampler.passes(trainer.global_step, trainer.epoch)
         if sec.log_every_steps and (trainer.global_step + 1) % sec.log_every_steps == 0:
             check_same_across_ranks([(space.key(p.arch), p.side) for p in passes], "the step's subnets")
-        scalars, total, soft = {}, 0.0, None
+        project = sec.grad_projection and passes[0].name == "max" and len(passes) > 1
+        scalars, total, soft, first = {}, 0.0, None, None
         for i, p in enumerate(passes):
             model.set_active(p.arch, p.side)
-            with trainer.accumulate(last=i == len(passes) - 1):
+            with trainer.accumulate(last=i == len(passes) - 1 and not project):
                 with trainer.autocast():
                     logits = trainer.wrapped(images)
                     if soft is not None:  # in-place distillation from the max subnet
-                        loss = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                        loss = distill_loss(logits, soft, sec.distill_loss)
                     else:
                         loss = criterion(logits, target)
                 trainer.backward(loss)
             if sec.distill and p.name == "max":
                 soft = F.softmax(logits.detach().float(), dim=-1)
+            if project and i == 0:
+                first = trainer.take_gradients()
             scalars[f"loss_{p.name}"] = loss.item()
             total += loss.item()
+        if project:
+            scalars["grad_cosine"] = trainer.merge_projected(first)
         scalars["loss"] = total
         return scalars
 
@@ -205,6 +195,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                  trainer.steps_per_epoch, info.world_size, sec.sampling)
     archs = validation_archs(space, sec.val_random_archs, sec.seed)
     sides = ("left", "right") if is_bilateral(space) else ("left",)
+    sampler = SubnetSampler(space, sec, lambda arch: space.cost(arch, n_classes))
     last: dict[str, Any] = {}
 
     def on_epoch_end(epoch: int) -> dict:
@@ -220,7 +211,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
 
     tic = time.perf_counter()
     with RunLogger(out_dir) as logger:
-        trainer.fit(loader, make_train_step(trainer, space, cfg, mixup, criterion), logger,
+        trainer.fit(loader, make_train_step(trainer, sampler, space, cfg, mixup, criterion), logger,
                     on_epoch_end=on_epoch_end, desc="supernet")
     if "val" not in last:  # resumed a finished run: nothing trained, validate for the summary
         on_epoch_end(sec.epochs - 1)

@@ -22,7 +22,7 @@ from vitas.core.checkpoint import load_checkpoint
 from vitas.core.config import config_from_dict
 from vitas.core.engine import GlobalBatchSampler, Trainer
 from vitas.supernet.model import Superformer
-from vitas.supernet.train import step_passes, validation_archs
+from vitas.supernet.sampling import step_passes, validation_archs
 from vitas.cli import main
 
 from train_setup import ROOT, cli, state_tensors, tiny_config, tiny_space, train_env, write_yaml
@@ -122,11 +122,20 @@ def kill_at(yaml_path: Path, log: Path, step: int, timeout: float = 180) -> None
         proc.wait()
 
 
-def test_sigkill_at_three_random_steps_resumes_bitwise(tmp_path: Path, tiny_digits: Path) -> None:
-    """With augmentation, Mixup, drop path, EMA and distillation on, killed three times and started
-    again with the same command, the run ends with exactly the weights of an uninterrupted one."""
+OPTION_SETS = {
+    "sandwich-distill": {"distill": True},
+    "uniform-options": {"sampling": "uniform", "distill": True, "distill_loss": "alpha",
+                        "cost_sampling": "macs_bins", "cost_bins": 3, "grad_projection": True},
+}
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_sigkill_at_three_random_steps_resumes_bitwise(tmp_path: Path, tiny_digits: Path, options: str) -> None:
+    """With augmentation, Mixup, drop path, EMA and the training options on, killed three times
+    and started again with the same command, the run ends with exactly the weights of an
+    uninterrupted one."""
     tree = tiny_config(tmp_path / "straight", tiny_digits, augment=True, save_every_steps=1,
-                       deterministic=True, ema=True, ema_decay=0.9, distill=True, drop_path=0.1)
+                       deterministic=True, ema=True, ema_decay=0.9, drop_path=0.1, **OPTION_SETS[options])
     tree["data"]["mixup"] = 0.8  # RandAugment, random erasing, Mixup and CutMix all on
     # Magnitude capped at 9: at 10 timm's increasing posterize keeps 0 bits, which Pillow >= 11 refuses.
     tree["data"]["auto_augment"] = "rand-m9-mstd0.5-inc1-mmax9"

@@ -1,0 +1,398 @@
+"""The fidelity study: does the superformer rank architectures, and better than counting them?
+
+One rerunnable, resumable study, run through the real `vitas` command line:
+1. data: the fidelity data set (`vitas data`), unless it exists;
+2. ground truth: `--archs` architectures drawn evenly over the space's MACs range, each trained
+   from scratch for the config's `retrain.epochs` with `--seeds` seeds (`vitas rank
+   --ground-truth-epochs E --ground-truth-seeds S`, which caches every run), written as a
+   ground-truth table;
+3. superformers: one per variant (channel policy on the embed dimension, sampler, and the
+   training options of `VARIANTS`), all at the same number of optimizer steps
+   (`supernet.epochs` x steps per epoch), wall time per step recorded;
+4. ranking: per variant, `vitas rank --ground-truth TABLE` (inherited accuracy, #params, MACs;
+   the proxies once): Kendall tau and Spearman rho with 95% bootstrap intervals, globally and
+   within MACs bands, top-k overlap, regret, and the difference to #params;
+5. end to end: within a middle MACs budget, each variant's GA choice (`vitas search`) and 8
+   random architectures of the same budget (shared) are retrained with `--seeds` seeds: does the
+   search beat the median random architecture by more than the seed spread?
+6. stability: the default variant trained again with another seed; Kendall tau between the two
+   superformers' inherited accuracies.
+
+Everything is cached under `--work` (default runs/fidelity): rerunning continues where it
+stopped and recomputes only what is missing. Results: `bench/results/fidelity.json` and the
+table between the markers in `docs/FIDELITY.md`. `--toy` runs the whole study on a few digits
+architectures for a minute (the test suite does).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from vitas.supernet.space import space_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "fidelity.json"
+DOC = ROOT / "docs" / "FIDELITY.md"
+BEGIN, END = "<!-- fidelity-table:begin -->", "<!-- fidelity-table:end -->"
+
+# name -> (what it is, overrides). Every variant trains for the same epochs and global batch, so
+# the same number of optimizer steps.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "left-uniform": ("left sharing, one random subnet per step (AutoFormer)",
+                     ["space.channels.embed=left", "supernet.sampling=uniform"]),
+    "left-sandwich": ("left sharing, max + min + random per step (BigNAS sandwich)",
+                      ["space.channels.embed=left", "supernet.sampling=sandwich"]),
+    "cyclic-uniform": ("cyclic sharing of the embed dimension (ViTAS), uniform sampling",
+                       ["space.channels.embed=cyclic", "supernet.sampling=uniform"]),
+    "cyclic-sandwich": ("cyclic sharing, sandwich sampling",
+                        ["space.channels.embed=cyclic", "supernet.sampling=sandwich"]),
+    "bilateral-bcnet": ("bilateral sharing of the embed dimension, left and right pass (BCNet)",
+                        ["space.channels.embed=bilateral", "supernet.sampling=bcnet"]),
+}
+DEFAULT = "cyclic-sandwich"
+
+
+class Study:
+    """Paths, the base command line and a pool of worker slots for one study."""
+
+    def __init__(self, config: Path, work: Path, data: Path, jobs: int, toy: bool, extra: list[str]):
+        self.config, self.work, self.data, self.jobs, self.toy = config, work, data, jobs, toy
+        self.base = [f"data.root={data}", "data.workers=0", *extra]
+        self.times: dict[str, float] = {}
+
+    def vitas(self, *args: str, log: Optional[Path] = None) -> dict:
+        """Run `python -m vitas ARGS` (one thread); the JSON of its last stdout line."""
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        proc = subprocess.run([sys.executable, "-m", "vitas", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise RuntimeError(f"vitas {' '.join(args[:3])} ... failed:\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def stage(self, stage: str, out: Path, *overrides: str, options: tuple[str, ...] = ()) -> dict:
+        """A stage of the study's config into `out` (log in out/<stage>.log)."""
+        return self.vitas(stage, "-c", str(self.config), *options, f"output_dir={out}", *self.base,
+                          *overrides, log=out / f"{stage}.log")
+
+    def space_and_cost(self) -> tuple[Any, Any]:
+        """The study's search space and its cost function (params and MACs of an arch)."""
+        from vitas.core.config import load_config
+        from vitas.core.data import num_classes
+
+        cfg = load_config(self.config, self.base)
+        space = space_from_config(cfg)
+        classes = num_classes(cfg.data)
+        return space, lambda arch: space.cost(arch, classes)
+
+    def timed(self, name: str, fn: Any, *args: Any) -> Any:
+        start = time.time()
+        try:
+            return fn(*args)
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.time() - start
+
+    def parallel(self, fn: Any, items: list) -> list:
+        """fn(item) for every item, `jobs` at a time (each a one-thread subprocess)."""
+        with futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            return list(pool.map(fn, items))
+
+
+# ----------------------------------------------------------------------------- parts
+def ensure_data(study: Study, name: str, size_args: list[str]) -> None:
+    if not (study.data / "train").is_dir():
+        study.vitas("data", name, str(study.data), *size_args)
+
+
+def ground_truth(study: Study, archs: int, seeds: int) -> Path:
+    """The table of `archs` architectures' mean val top-1 over `seeds` seeds (trained once)."""
+    table = study.work / "ground_truth.json"
+    if table.is_file():
+        return table
+    out = study.work / "ground_truth"
+    # Slurm (when the local cluster runs) trains one array task per (arch, seed), two at a time.
+    study.stage("rank", out, f"rank.archs={archs}", "rank.proxies=[]", "rank.inherited=false",
+                f"rank.ground_truth_seeds={seeds}", "launch.timeout_min=600",
+                options=("--ground-truth-epochs", str(_retrain_epochs(study))))
+    rows = _csv(out / "rank" / "ranking.csv")
+    runs = json.loads((out / "rank" / "correlations.json").read_text())["ground_truth"]["runs"]
+    entries = [{"arch": json.loads(r["arch"]), "trained_top1": float(r["trained_top1"]),
+                "seed_runs": run} for r, run in zip(rows, runs)]
+    _write(table, entries)
+    return table
+
+
+def train_supernet(study: Study, name: str, seed: int = 0) -> Path:
+    """The superformer of variant `name` (cached); returns its run folder."""
+    out = study.work / "supernets" / (name if seed == 0 else f"{name}-seed{seed}")
+    if not (out / "supernet" / "summary.json").is_file():
+        study.stage("train-supernet", out, *VARIANTS[name][1], f"supernet.seed={seed}")
+    return out
+
+
+def rank_variant(study: Study, name: str, run: Path, table: Path, proxies: list[str]) -> dict:
+    """`vitas rank` of a variant's superformer against the ground-truth table."""
+    out = run / "rank-gt"
+    result = out / "rank" / "correlations.json"
+    if not result.is_file():
+        study.stage("rank", out, *VARIANTS[name][1], f"rank.proxies={json.dumps(proxies)}",
+                    "rank.targets=[trained_top1]",
+                    f"supernet.checkpoint={run / 'supernet' / 'last.pth'}",
+                    options=("--ground-truth", str(table)))
+    return json.loads(result.read_text())
+
+
+def retrain(study: Study, arch: dict, seed: int) -> float:
+    """Val top-1 of `arch` trained from scratch with `seed` (cached by arch and seed)."""
+    key = hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
+    out = study.work / "retrain" / f"{key}-seed{seed}"
+    summary = out / "retrain" / "summary.json"
+    if not summary.is_file():
+        study.stage("retrain", out, f"retrain.seed={seed}", options=("--arch", json.dumps(arch)))
+    return float(json.loads(summary.read_text())["top1"])
+
+
+def random_archs(study: Study, budget: tuple[int, int], n: int) -> list[dict]:
+    """`n` distinct architectures drawn uniformly over the genome inside the budget (the
+    search's own sampler), fixed once for the whole study."""
+    path = study.work / "random_archs.json"
+    if not path.is_file():
+        space, cost = study.space_and_cost()
+        rng = np.random.default_rng(1)
+        found: dict[str, dict] = {}
+        for _ in range(100 * n):
+            arch = space.sample_in_range(rng, cost, macs=budget)
+            found.setdefault(space.key(arch), arch)
+            if len(found) == n:
+                break
+        _write(path, list(found.values()))
+    return json.loads(path.read_text())
+
+
+def search_choice(study: Study, name: str, run: Path, budget: tuple[int, int]) -> dict:
+    """The GA's choice within `budget` with variant `name`'s superformer."""
+    out = run / "search-middle"
+    arch = out / "search" / "arch.json"
+    if not arch.is_file():
+        study.stage("search", out, *VARIANTS[name][1], "search.algorithm=ga",
+                    f"search.macs_min={budget[0]}", f"search.macs_max={budget[1]}",
+                    f"supernet.checkpoint={run / 'supernet' / 'last.pth'}")
+    return json.loads(arch.read_text())
+
+
+# ----------------------------------------------------------------------------- helpers
+def _retrain_epochs(study: Study) -> int:
+    import yaml
+
+    tree = yaml.safe_load(study.config.read_text())
+    return int(tree.get("retrain", {}).get("epochs", 300))
+
+
+def _csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _write(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _kendall(corr: dict, target: str, score: str, banded: bool = False) -> dict:
+    return corr["results"][target][score]["kendall_banded" if banded else "kendall"]
+
+
+def _cell(c: dict) -> str:
+    if c.get("estimate") is None:
+        return "-"
+    if c.get("low") is None:
+        return f"{c['estimate']:+.2f}"
+    return f"{c['estimate']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+
+
+# ----------------------------------------------------------------------------- report
+def table_markdown(result: dict) -> str:
+    """The fidelity table: one row per score (each variant's inherited accuracy, the proxies,
+    the baselines), Kendall tau with 95% intervals, global and within MACs bands."""
+    target = "trained_top1"
+    lines = ["| score | Kendall tau (95% CI) | within MACs bands | top-5 overlap | regret | "
+             "search vs random | s/step |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, v in result["variants"].items():
+        corr = v["rank"]
+        e2e = v.get("end_to_end", {})
+        margin = "-" if "margin" not in e2e else f"{e2e['margin']:+.2f} (spread {e2e['seed_spread']:.2f})"
+        entry = corr["results"][target]["inherited_top1"]
+        lines.append(f"| inherited, {name} | {_cell(entry['kendall'])} | {_cell(entry['kendall_banded'])} | "
+                     f"{entry.get('top5_overlap', '-')} | {entry['regret']} | {margin} | "
+                     f"{v['supernet']['sec_per_step']:.3f} |")
+    first = next(iter(result["variants"].values()))["rank"]["results"][target]
+    for score in result["proxies"] + ["params", "macs"]:
+        entry = first[score]
+        tag = " (baseline)" if score in ("params", "macs") else ""
+        lines.append(f"| {score}{tag} | {_cell(entry['kendall'])} | {_cell(entry['kendall_banded'])} | "
+                     f"{entry.get('top5_overlap', '-')} | {entry['regret']} | - | - |")
+    return "\n".join(lines)
+
+
+def write_doc(result: dict) -> None:
+    text = DOC.read_text() if DOC.is_file() else "# Fidelity\n"
+    block = f"{BEGIN}\n{table_markdown(result)}\n\n{result['summary_text']}\n{END}"
+    if BEGIN in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## The fidelity table (bench/fidelity.py)\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def summarise(result: dict) -> str:
+    """Plain sentences: where inherited accuracy beats #params and MACs, and where it does not."""
+    lines = []
+    target = "trained_top1"
+    for name, v in result["variants"].items():
+        res = v["rank"]["results"][target]
+        inh, par, mac = (res[s]["kendall"] for s in ("inherited_top1", "params", "macs"))
+        band = res["inherited_top1"]["kendall_banded"]
+        if inh["estimate"] is None:
+            continue
+        beats = inh["low"] is not None and inh["low"] > max(par["estimate"] or -1, mac["estimate"] or -1)
+        lines.append(f"- {name}: inherited tau {inh['estimate']:+.2f} vs #params {par['estimate']:+.2f}, "
+                     f"MACs {mac['estimate']:+.2f}; within bands {band['estimate'] if band['estimate'] is None else round(band['estimate'], 2)}"
+                     f" vs #params {res['params']['kendall_banded']['estimate']}. "
+                     + ("Its interval's lower end is above both baselines." if beats else
+                        "It does NOT beat the size baselines with confidence."))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="the study's YAML (space, data, recipes)")
+    parser.add_argument("--data", type=Path, help="data folder (created with `vitas data` if missing)")
+    parser.add_argument("--dataset", default="digits", help="`vitas data` generator of --data")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fidelity")
+    parser.add_argument("--archs", type=int, default=24)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--random", type=int, default=8, help="random architectures in the end-to-end check")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--toy", action="store_true", help="a minute-long run on digits (tests)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/FIDELITY.md")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run")
+    args = parser.parse_args()
+    extra = list(args.overrides)
+    if args.toy:
+        args.config = args.config or ROOT / "yamls" / "demo-digits.yaml"
+        args.archs, args.seeds, args.random = min(args.archs, 4), min(args.seeds, 2), min(args.random, 2)
+        extra = ["supernet.epochs=1", "retrain.epochs=1", "search.population=4", "search.generations=1",
+                 "rank.bands=1", "rank.bootstrap=100", "proxy.inits=1", "proxy.thetas=4",
+                 "proxy.ntk_images=4", "data.holdout_per_class=5", "search.macs_min=null",
+                 "search.macs_max=null", *extra]
+    if args.config is None or args.data is None:
+        parser.error("--config and --data are needed (or --toy)")
+    names = [n for n in args.variants.split(",") if n]
+    for n in names:
+        if n not in VARIANTS:
+            parser.error(f"unknown variant {n!r}; variants: {list(VARIANTS)}")
+    study = Study(args.config.resolve(), args.work.resolve(), args.data.resolve(), args.jobs, args.toy, extra)
+    start = time.time()
+    study.timed("data", ensure_data, study, args.dataset, [])
+    table = study.timed("ground truth", ground_truth, study, args.archs, args.seeds)
+    runs = dict(zip(names, study.timed("superformers", study.parallel,
+                                       lambda n: train_supernet(study, n), names)))
+    proxies = ["length_distortion", "ntk_condition"]
+    result: dict[str, Any] = {"config": str(args.config), "data": str(args.data), "archs": args.archs,
+                              "seeds": args.seeds, "proxies": proxies, "variants": {}}
+    ranks = study.timed("ranking", study.parallel,
+                        lambda n: rank_variant(study, n, runs[n], table, proxies if n == names[0] else []),
+                        names)
+    # every variant's table shares the proxies and baselines computed once (same archs, same inits)
+    for n, corr in zip(names, ranks):
+        summary = json.loads((runs[n] / "supernet" / "summary.json").read_text())
+        result["variants"][n] = {"what": VARIANTS[n][0], "rank": corr,
+                                 "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
+                                              "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
+                                              "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
+    shared = ranks[0]["results"]["trained_top1"]
+    for n in names[1:]:
+        for score in proxies + ["params", "macs"]:
+            result["variants"][n]["rank"]["results"]["trained_top1"].setdefault(score, shared[score])
+
+    gt_rows = json.loads(table.read_text())
+    budget = study.timed("end to end", _end_to_end, study, names, runs, gt_rows, args)
+    result["budget"] = budget
+    for n in names:
+        result["variants"][n]["end_to_end"] = budget["variants"].get(n, {})
+    if DEFAULT in names:
+        result["stability"] = study.timed("stability", _stability, study, runs[DEFAULT], table)
+    result["seconds"] = {**{k: round(v, 1) for k, v in study.times.items()}, "total": round(time.time() - start, 1)}
+    result["summary_text"] = summarise(result)
+    _write(args.out, result)
+    if not args.no_doc:
+        write_doc(result)
+    print(table_markdown(result))
+    print(result["summary_text"])
+    print("time spent: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))
+    return 0
+
+
+def _end_to_end(study: Study, names: list[str], runs: dict[str, Path], gt_rows: list[dict], args: Any) -> dict:
+    """GA choice of each variant vs the median of random architectures, inside a middle budget."""
+    _, cost = study.space_and_cost()
+    macs = sorted(cost(r["arch"]).macs for r in gt_rows)
+    budget = (int(np.quantile(macs, 1 / 3)), int(np.quantile(macs, 2 / 3)))
+    randoms = random_archs(study, budget, args.random)
+    seeds = list(range(args.seeds))
+    random_top1 = study.parallel(lambda item: retrain(study, *item), [(a, s) for a in randoms for s in seeds])
+    per_random = [float(np.mean(random_top1[i * len(seeds):(i + 1) * len(seeds)])) for i in range(len(randoms))]
+    spread = [float(np.std(random_top1[i * len(seeds):(i + 1) * len(seeds)], ddof=1)) for i in range(len(randoms))] if len(seeds) > 1 else [0.0]
+    median = float(statistics.median(per_random))
+    choices = study.parallel(lambda n: search_choice(study, n, runs[n], budget), names)
+    out = {"macs": list(budget), "random": {"archs": randoms, "top1": per_random, "median": median,
+                                            "seed_spread": float(np.mean(spread))}, "variants": {}}
+    for n, arch in zip(names, choices):
+        top1 = study.parallel(lambda s: retrain(study, arch, s), seeds)
+        mean = float(np.mean(top1))
+        out["variants"][n] = {"arch": arch, "top1": top1, "mean": mean, "margin": mean - median,
+                              "seed_spread": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
+                              "beats_random": bool(mean - median > max(np.mean(spread), np.std(top1, ddof=1) if len(top1) > 1 else 0))}
+    return out
+
+
+def _stability(study: Study, run: Path, table: Path) -> dict:
+    """Kendall tau between the inherited accuracies of two superformers trained with other seeds."""
+    from scipy.stats import kendalltau
+
+    other = train_supernet(study, DEFAULT, seed=1)
+    a = rank_variant(study, DEFAULT, run, table, [])
+    b = rank_variant(study, DEFAULT, other, table, [])
+    x = [float(r["inherited_top1"]) for r in _csv(run / "rank-gt" / "rank" / "ranking.csv")]
+    y = [float(r["inherited_top1"]) for r in _csv(other / "rank-gt" / "rank" / "ranking.csv")]
+    tau = kendalltau(x, y).statistic
+    return {"tau_between_seeds": float(tau),
+            "tau_vs_truth": [_kendall(a, "trained_top1", "inherited_top1")["estimate"],
+                             _kendall(b, "trained_top1", "inherited_top1")["estimate"]]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

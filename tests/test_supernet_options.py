@@ -1,0 +1,174 @@
+"""Superformer training options (issue: supernet training that ranks): in-place distillation in
+every sampler, AlphaNet's bounded divergence, cost-aware sampling, gradient projection, max-subnet
+warm-up. Each option's mechanism, on tiny models."""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitas.core.config import SupernetConfig, config_from_dict, load_config
+from vitas.core.engine import Trainer, project_off
+from vitas.supernet import train as supernet_train
+from vitas.supernet.model import Superformer
+from vitas.supernet.sampling import CostBins, SubnetSampler
+from vitas.supernet.space import SearchSpace
+
+from train_setup import TINY_SPACE, tiny_space
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "yamls" / "demo-digits.yaml"
+
+
+def demo_space() -> SearchSpace:
+    return SearchSpace(load_config(DEMO).space)
+
+
+def cost_fn(space: SearchSpace):
+    return lambda arch: space.cost(arch, 10)
+
+
+# ----------------------------------------------------------------------------- cost-aware sampling
+def test_cost_bins_are_drawn_evenly_where_genes_are_not() -> None:
+    space = demo_space()
+    bins = CostBins(space, cost_fn(space), bins=6)
+    rng = np.random.default_rng(0)
+    drawn = Counter(bins.bin_of(space.cost(bins.draw(rng), 10).macs) for _ in range(1800))
+    counts = [drawn[i] for i in range(len(bins.bins))]
+    assert len(bins.bins) >= 4 and min(counts) > 0.75 * 1800 / len(bins.bins), counts
+    genes = Counter()
+    for _ in range(1800):
+        macs = space.cost(space.sample(rng), 10).macs
+        genes[next((i for i, (lo, hi) in enumerate(bins.bins) if lo <= macs <= hi), -1)] += 1
+    uneven = [genes[i] for i in range(len(bins.bins))]
+    assert max(uneven) > 2 * min(uneven), uneven  # what the option corrects
+
+
+# ----------------------------------------------------------------------------- passes
+def sampler(**options) -> SubnetSampler:
+    space = tiny_space()
+    sec = dataclasses.replace(SupernetConfig(epochs=3), **options)
+    return SubnetSampler(space, sec, cost_fn(space))
+
+
+def test_distillation_adds_the_teacher_to_every_sampler() -> None:
+    for mode in ("uniform", "autoslim", "sandwich"):
+        passes = sampler(sampling=mode, distill=True).passes(step=4, epoch=1)
+        assert passes[0].name == "max" and [p.name for p in passes].count("max") == 1
+    assert [p.name for p in sampler(sampling="uniform").passes(4, 1)] == ["rand"]
+
+
+def test_max_warmup_trains_the_max_subnet_alone_first() -> None:
+    s = sampler(sampling="sandwich", max_warmup_epochs=1)
+    assert [p.name for p in s.passes(3, 0)] == ["max"]
+    assert [p.name for p in s.passes(3, 1)] == ["max", "min", "rand"]
+
+
+# ----------------------------------------------------------------------------- distillation
+def one_step(options: dict, tmp_path: Path):
+    """A Superformer, its Trainer and one train step of the tiny space with `options`."""
+    cfg = config_from_dict({"space": TINY_SPACE, "supernet": {"epochs": 2, "lr": 1e-3, "drop_path": 0.0,
+                                                              "amp": False, "warmup_epochs": 0, **options}})
+    space = SearchSpace(cfg.space)
+    torch.manual_seed(0)
+    model = Superformer(space, 10)
+    trainer = Trainer(model, cfg.supernet, 5, tmp_path, torch.device("cpu"))
+    s = SubnetSampler(space, cfg.supernet, cost_fn(space))
+    step = supernet_train.make_train_step(trainer, s, space, cfg, None, torch.nn.CrossEntropyLoss())
+    images, target = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    return model, trainer, s, step, (images, target)
+
+
+def test_distillation_targets_are_the_max_subnet_without_gradient(tmp_path: Path, monkeypatch) -> None:
+    seen = []
+    real = supernet_train.distill_loss
+
+    def spy(logits, teacher, kind):
+        seen.append(teacher)
+        return real(logits, teacher, kind)
+
+    monkeypatch.setattr(supernet_train, "distill_loss", spy)
+    model, trainer, s, step, batch = one_step({"sampling": "uniform", "distill": True}, tmp_path)
+    before = Superformer(model.space, 10)
+    before.load_state_dict(model.state_dict())
+    before.set_max()
+    with torch.no_grad():
+        expected = F.softmax(before(batch[0]), dim=-1)
+    step(batch)
+    assert len(seen) == 1 and not seen[0].requires_grad and seen[0].grad_fn is None
+    assert torch.allclose(seen[0], expected, atol=1e-6)
+
+
+def test_alpha_divergence_is_zero_at_the_teacher_and_bounded() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10, requires_grad=True)
+    teacher = F.softmax(logits.detach(), dim=-1)
+    assert supernet_train.distill_loss(logits, teacher, "alpha").item() == pytest.approx(0.0, abs=1e-6)
+    far = torch.zeros(4, 10)
+    far[:, 0] = 1.0  # a confident teacher against a very different student
+    student = torch.full((4, 10), -20.0)
+    student[:, 9] = 20.0
+    student.requires_grad_(True)
+    loss = supernet_train.distill_loss(student, far, "alpha")
+    loss.backward()
+    assert loss.item() > 0 and torch.isfinite(student.grad).all() and student.grad.abs().max() < 10
+
+
+# ----------------------------------------------------------------------------- gradient projection
+def test_projection_removes_exactly_the_conflicting_component() -> None:
+    g1 = torch.tensor([1.0, 0.0, 2.0])
+    g2 = torch.tensor([-2.0, 1.0, 1.0])  # dot = 0: no conflict
+    assert torch.equal(project_off(g2, g1), g2)
+    g2 = torch.tensor([-3.0, 1.0, 1.0])  # dot = -1: conflict
+    out = project_off(g2, g1)
+    assert torch.dot(out, g1).abs() < 1e-6
+    assert torch.allclose(out - g2, (1 / 5) * g1)  # only along g1
+
+
+def test_a_projected_step_holds_the_max_gradient_plus_the_projected_rest(tmp_path: Path) -> None:
+    """The step's gradient = g_max + (g_rest projected off g_max): orthogonal to g_max where they
+    conflicted, whatever the others contributed."""
+    options = {"sampling": "sandwich", "grad_projection": True}
+    model, trainer, s, step, batch = one_step(options, tmp_path)
+    passes = s.passes(0, 0)
+    reference = Superformer(model.space, 10)
+    reference.load_state_dict(model.state_dict())
+    params = dict(reference.named_parameters())
+
+    def grads(names: list[str]) -> torch.Tensor:
+        return torch.cat([params[n].grad.reshape(-1) if params[n].grad is not None
+                          else torch.zeros(params[n].numel()) for n in names])
+
+    crit = torch.nn.CrossEntropyLoss()
+    reference.set_active(passes[0].arch, passes[0].side)
+    crit(reference(batch[0]), batch[1]).backward()
+    names = list(params)
+    g_max = grads(names).clone()
+    reference.zero_grad(set_to_none=True)
+    for p in passes[1:]:
+        reference.set_active(p.arch, p.side)
+        crit(reference(batch[0]), batch[1]).backward()
+    g_rest = grads(names)
+    expected = g_max + project_off(g_rest, g_max)
+
+    captured = {}
+    real_step = trainer.step
+
+    def capture() -> dict:
+        captured["grad"] = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                                      for p in model.parameters()])
+        return real_step()
+
+    trainer.step = capture  # type: ignore[method-assign]
+    scalars = step(batch)
+    trainer.step()
+    assert torch.allclose(captured["grad"], expected, atol=1e-6)
+    cosine = float(torch.dot(g_max, g_rest) / (g_max.norm() * g_rest.norm()))
+    assert scalars["grad_cosine"] == pytest.approx(cosine, abs=1e-5)
+    if cosine < 0:
+        assert torch.dot(captured["grad"] - g_max, g_max).abs() < 1e-5

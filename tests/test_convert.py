@@ -646,3 +646,47 @@ def test_load_any_checkpoint_converts_on_the_fly(tmp_path: Path):
     assert ckpt["model_args"]["attn_scale"] == "embed_dim"
     convert_file(tmp_path / "v.pth.tar", tmp_path / "v.pth", heads=2)
     assert load_any_checkpoint(str(tmp_path / "v.pth"))["arch"] == ckpt["arch"]  # a vitas file as it is
+
+
+def test_evaluate_and_predict_take_a_foreign_checkpoint_directly(tmp_path: Path, tiny_digits: Path, capsys):
+    """`vitas evaluate` and `vitas predict` on a DeiT-layout file: converted on the fly, the same
+    numbers as through `vitas convert`."""
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=1, num_classes=10).eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "deit.pth")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "deit.pth"), "--data", str(tiny_digits)]) == 0
+    direct = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["convert", str(tmp_path / "deit.pth"), str(tmp_path / "vitas.pth")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "vitas.pth"), "--data", str(tiny_digits)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == direct
+    image = str(next((tiny_digits / "val" / "3").iterdir()))
+    assert main(["predict", "--checkpoint", str(tmp_path / "deit.pth"), image]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predictions"][0]["image"] == image
+
+
+def test_train_supernet_starts_from_deit_weights(tmp_path: Path, tiny_digits: Path, capsys):
+    """`supernet.init: DEIT.pth`: checked before anything is written, then loaded into the
+    superformer (the max subnet equals the DeiT model before the first step)."""
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2,
+                              mlp_ratio=32 / 24, num_classes=10).eval()
+    torch.save({"model": model.state_dict()}, tmp_path / "deit.pth")
+    space = {"name": "tiny", "img_size": 32, "patch_size": [8], "embed_dim": [16, 24], "depth": [1, 2],
+             "num_heads": [1, 2], "attn_dim": [16, 24], "mlp_dim": [16, 32],
+             "channels": {"embed": "cyclic", "attn": "left", "mlp": "left"}}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "space": space,
+                               "data": {"root": str(tiny_digits), "holdout_per_class": 2, "workers": 0,
+                                        "mixup": 0.0, "cutmix": 0.0, "auto_augment": None, "reprob": 0.0},
+                               "supernet": {"epochs": 1, "batch_size": 20, "lr": 1e-12, "min_lr": 0.0,
+                                            "warmup_lr": 0.0, "warmup_epochs": 0, "weight_decay": 0.0,
+                                            "drop_path": 0.0, "amp": False, "val_random_archs": 0}}))
+    assert main(["train-supernet", "-c", str(cfg), f"supernet.init={tmp_path / 'nope.pth'}"]) == 2
+    assert "supernet.init" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main(["train-supernet", "-c", str(cfg), f"supernet.init={tmp_path / 'deit.pth'}"]) == 0
+    state = torch.load(tmp_path / "run" / "supernet" / "last.pth", weights_only=True)
+    trained = Superformer(SearchSpace(config_from_dict({"space": space}).space), 10)
+    trained.load_state_dict(state["model"])
+    x = torch.randn(2, 3, 32, 32)
+    trained.set_max()
+    with torch.no_grad():  # lr 1e-12: one epoch moves nothing visible
+        assert torch.allclose(trained.eval()(x), model(x), atol=1e-5)

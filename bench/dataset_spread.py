@@ -16,8 +16,10 @@ seed noise puts into it) over the seed variance, a one-way ANOVA, the range of t
 means (aim >= 15 points) and Spearman's rho of mean accuracy against MACs.
 
 Run against a frozen copy of the code (see docs/FIDELITY.md), e.g.
-  PYTHONPATH=/work/snap-pkgs nice -n 10 nohup python bench/dataset_spread.py --name counting \
-      --config yamls/fidelity-counting.yaml --dataset counting --data runs/spread/data &
+  PYTHONPATH=/work/snap-pkgs nice -n 10 nohup python /work/snap/bench/dataset_spread.py \
+      --name counting --config yamls/fidelity-counting.yaml --dataset counting \
+      --data runs/dataset-spread/data-counting --work runs/dataset-spread \
+      --results bench/results/dataset_spread.json > spread.log &
 """
 from __future__ import annotations
 
@@ -72,12 +74,15 @@ def cpu_of_children() -> float:
 
 
 def vitas(args: list[str], log: Path) -> tuple[float, float]:
-    """Run `python -m vitas ARGS` on one thread, output to `log`; (wall, CPU) seconds."""
+    """Run `python -m vitas ARGS` on one thread, output to `log`; (wall, CPU) seconds.
+
+    It runs in the log's folder: in a checkout's root, `-m vitas` would import that checkout's
+    `vitas/` instead of the frozen copy on PYTHONPATH."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cpu, start = cpu_of_children(), time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.run([sys.executable, "-m", "vitas", *args], stdout=out,
-                              stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
+                              stderr=subprocess.STDOUT, env=env, cwd=log.parent, check=False)
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-5:]
         raise SystemExit(f"vitas {' '.join(args[:2])} failed ({proc.returncode}); see {log}:\n"
@@ -125,7 +130,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True, help="space + retrain budget YAML")
     parser.add_argument("--dataset", required=True, help="`vitas data` generator of --data")
     parser.add_argument("--data", type=Path, required=True, help="data folder (made if missing)")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "dataset-spread")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "dataset-spread",
+                        help="cache of the runs (default runs/dataset-spread)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file of all studies")
     parser.add_argument("--archs", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--arch-seed", type=int, default=0)
@@ -172,9 +179,9 @@ def main() -> None:
               "run_cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1),
               "run_wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
               "study_wall_seconds": round(time.perf_counter() - start, 1)}
-    everything = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    everything = json.loads(args.results.read_text()) if args.results.is_file() else {}
     everything[args.name] = result
-    write_json(everything, RESULTS)
+    write_json(everything, args.results)
 
     print("\n| arch | patch | depth | embed | MACs | top-1 per seed | mean | std | CPU s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -221,6 +221,15 @@ def _kendall(corr: dict, target: str, score: str, banded: bool = False) -> dict:
     return corr["results"][target][score]["kendall_banded" if banded else "kendall"]
 
 
+def _topk(entry: dict) -> str:
+    key = next((k for k in entry if k.startswith("top") and k.endswith("_overlap")), None)
+    return "-" if key is None or entry[key] is None else f"{entry[key]:.2f} ({key[:-8]})"
+
+
+def _num(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _cell(c: dict) -> str:
     if c.get("estimate") is None:
         return "-"
@@ -234,22 +243,22 @@ def table_markdown(result: dict) -> str:
     """The fidelity table: one row per score (each variant's inherited accuracy, the proxies,
     the baselines), Kendall tau with 95% intervals, global and within MACs bands."""
     target = "trained_top1"
-    lines = ["| score | Kendall tau (95% CI) | within MACs bands | top-5 overlap | regret | "
-             "search vs random | s/step |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| score | Kendall tau (95% CI) | within MACs bands | top-k overlap | regret (points) | "
+             "search vs random (points) | s/step |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, v in result["variants"].items():
         corr = v["rank"]
         e2e = v.get("end_to_end", {})
         margin = "-" if "margin" not in e2e else f"{e2e['margin']:+.2f} (spread {e2e['seed_spread']:.2f})"
         entry = corr["results"][target]["inherited_top1"]
         lines.append(f"| inherited, {name} | {_cell(entry['kendall'])} | {_cell(entry['kendall_banded'])} | "
-                     f"{entry.get('top5_overlap', '-')} | {entry['regret']} | {margin} | "
+                     f"{_topk(entry)} | {_num(entry['regret'])} | {margin} | "
                      f"{v['supernet']['sec_per_step']:.3f} |")
     first = next(iter(result["variants"].values()))["rank"]["results"][target]
     for score in result["proxies"] + ["params", "macs"]:
         entry = first[score]
         tag = " (baseline)" if score in ("params", "macs") else ""
         lines.append(f"| {score}{tag} | {_cell(entry['kendall'])} | {_cell(entry['kendall_banded'])} | "
-                     f"{entry.get('top5_overlap', '-')} | {entry['regret']} | - | - |")
+                     f"{_topk(entry)} | {_num(entry['regret'])} | - | - |")
     return "\n".join(lines)
 
 
@@ -275,9 +284,9 @@ def summarise(result: dict) -> str:
         if inh["estimate"] is None:
             continue
         beats = inh["low"] is not None and inh["low"] > max(par["estimate"] or -1, mac["estimate"] or -1)
-        lines.append(f"- {name}: inherited tau {inh['estimate']:+.2f} vs #params {par['estimate']:+.2f}, "
-                     f"MACs {mac['estimate']:+.2f}; within bands {band['estimate'] if band['estimate'] is None else round(band['estimate'], 2)}"
-                     f" vs #params {res['params']['kendall_banded']['estimate']}. "
+        lines.append(f"- {name}: inherited tau {_num(inh['estimate'])} vs #params {_num(par['estimate'])}, "
+                     f"MACs {_num(mac['estimate'])}; within MACs bands {_num(band['estimate'])} vs #params "
+                     f"{_num(res['params']['kendall_banded']['estimate'])}. "
                      + ("Its interval's lower end is above both baselines." if beats else
                         "It does NOT beat the size baselines with confidence."))
     return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""bench/fidelity.py on a toy size: the whole study (ground truth over seeds, superformers per
+variant, rankings with intervals, search against random, stability) runs and reports."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fidelity.json"
+    cmd = [sys.executable, "bench/fidelity.py", "--toy", "--data", str(tiny_digits), "--work",
+           str(tmp_path / "work"), "--out", str(out), "--no-doc", "--archs", "3", "--seeds", "2",
+           "--random", "2", "--variants", "left-uniform,cyclic-sandwich"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"left-uniform", "cyclic-sandwich"}
+    for variant in result["variants"].values():
+        per_score = variant["rank"]["results"]["trained_top1"]
+        assert {"inherited_top1", "params", "macs", "length_distortion"} <= set(per_score)
+        assert set(per_score["inherited_top1"]["kendall"]) >= {"estimate", "low", "high", "n"}
+        assert variant["supernet"]["steps"] > 0 and "margin" in variant["end_to_end"]
+    runs = json.loads((tmp_path / "work" / "ground_truth.json").read_text())
+    assert len(runs) == 3 and all(len(r["seed_runs"]) == 2 for r in runs)
+    assert "tau_between_seeds" in result["stability"]
+    assert {"ground truth", "superformers", "ranking", "end to end", "total"} <= set(result["seconds"])
+    assert "| inherited, cyclic-sandwich |" in proc.stdout
+    # A second run recomputes nothing: everything is cached.
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(out.read_text())["variants"].keys() == result["variants"].keys()

@@ -59,7 +59,30 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                         ["space.channels.embed=cyclic", "supernet.sampling=sandwich"]),
     "bilateral-bcnet": ("bilateral sharing of the embed dimension, left and right pass (BCNet)",
                         ["space.channels.embed=bilateral", "supernet.sampling=bcnet"]),
+    # The training options (supernet/sampling.py, supernet/train.py), on top of cyclic sharing.
+    "cyclic-sandwich-distill": ("sandwich + in-place distillation from the max subnet (BigNAS)",
+                                ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                                 "supernet.distill=true"]),
+    "cyclic-sandwich-alpha": ("sandwich + AlphaNet's bounded alpha-divergence distillation",
+                              ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                               "supernet.distill=true", "supernet.distill_loss=alpha"]),
+    "cyclic-uniform-bins": ("uniform + cost-aware draws over 8 MACs bins (ElasticViT)",
+                            ["space.channels.embed=cyclic", "supernet.sampling=uniform",
+                             "supernet.cost_sampling=macs_bins"]),
+    "cyclic-sandwich-bins-distill": ("sandwich + cost-aware draws + distillation",
+                                     ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                                      "supernet.cost_sampling=macs_bins", "supernet.distill=true"]),
+    "cyclic-sandwich-gradproj": ("sandwich + NASViT's gradient projection",
+                                 ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                                  "supernet.grad_projection=true"]),
+    "cyclic-sandwich-warmup": ("sandwich after a max-subnet warm-up of a tenth of the epochs",
+                               ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                                "supernet.max_warmup_epochs={warmup}"]),
+    "cyclic-sandwich-entangled": ("sandwich with q/k entangled across head counts (ViTAS's private q/k off)",
+                                  ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                                   "space.qk=entangled"]),
 }
+BASELINE_VARIANTS = ("left-uniform", "left-sandwich", "cyclic-uniform", "cyclic-sandwich", "bilateral-bcnet")
 DEFAULT = "cyclic-sandwich"
 
 
@@ -89,6 +112,16 @@ class Study:
         """A stage of the study's config into `out` (log in out/<stage>.log)."""
         return self.vitas(stage, "-c", str(self.config), *options, f"output_dir={out}", *self.base,
                           *overrides, log=out / f"{stage}.log")
+
+    def overrides(self, name: str) -> list[str]:
+        """A variant's overrides, `{warmup}` filled in (a tenth of the supernet epochs)."""
+        import yaml
+
+        epochs = int(yaml.safe_load(self.config.read_text()).get("supernet", {}).get("epochs", 100))
+        for item in self.base:
+            if item.startswith("supernet.epochs="):
+                epochs = int(item.split("=", 1)[1])
+        return [o.replace("{warmup}", str(max(1, epochs // 10))) for o in VARIANTS[name][1]]
 
     def space_and_cost(self) -> tuple[Any, Any]:
         """The study's search space and its cost function (params and MACs of an arch)."""
@@ -141,7 +174,7 @@ def train_supernet(study: Study, name: str, seed: int = 0) -> Path:
     """The superformer of variant `name` (cached); returns its run folder."""
     out = study.work / "supernets" / (name if seed == 0 else f"{name}-seed{seed}")
     if not (out / "supernet" / "summary.json").is_file():
-        study.stage("train-supernet", out, *VARIANTS[name][1], f"supernet.seed={seed}")
+        study.stage("train-supernet", out, *study.overrides(name), f"supernet.seed={seed}")
     return out
 
 
@@ -150,7 +183,7 @@ def rank_variant(study: Study, name: str, run: Path, table: Path, proxies: list[
     out = run / "rank-gt"
     result = out / "rank" / "correlations.json"
     if not result.is_file():
-        study.stage("rank", out, *VARIANTS[name][1], f"rank.proxies={json.dumps(proxies)}",
+        study.stage("rank", out, *study.overrides(name), f"rank.proxies={json.dumps(proxies)}",
                     "rank.targets=[trained_top1]",
                     f"supernet.checkpoint={run / 'supernet' / 'last.pth'}",
                     options=("--ground-truth", str(table)))
@@ -189,7 +222,7 @@ def search_choice(study: Study, name: str, run: Path, budget: tuple[int, int]) -
     out = run / "search-middle"
     arch = out / "search" / "arch.json"
     if not arch.is_file():
-        study.stage("search", out, *VARIANTS[name][1], "search.algorithm=ga",
+        study.stage("search", out, *study.overrides(name), "search.algorithm=ga",
                     f"search.macs_min={budget[0]}", f"search.macs_max={budget[1]}",
                     f"supernet.checkpoint={run / 'supernet' / 'last.pth'}")
     return json.loads(arch.read_text())
@@ -302,7 +335,8 @@ def main() -> int:
     parser.add_argument("--archs", type=int, default=24)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--random", type=int, default=8, help="random architectures in the end-to-end check")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(BASELINE_VARIANTS),
+                        help=f"comma-separated, of {list(VARIANTS)} (or 'all')")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--toy", action="store_true", help="a minute-long run on digits (tests)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -319,7 +353,7 @@ def main() -> int:
                  "search.macs_max=null", *extra]
     if args.config is None or args.data is None:
         parser.error("--config and --data are needed (or --toy)")
-    names = [n for n in args.variants.split(",") if n]
+    names = list(VARIANTS) if args.variants == "all" else [n for n in args.variants.split(",") if n]
     for n in names:
         if n not in VARIANTS:
             parser.error(f"unknown variant {n!r}; variants: {list(VARIANTS)}")

@@ -53,43 +53,45 @@ def _param_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _trunc_normal_(p: torch.Tensor, std: float) -> None:
+def _trunc_normal_(p: torch.Tensor, std: float, generator: torch.Generator) -> None:
     """timm's trunc_normal_(std) cuts at the absolute bounds +-2, i.e. 100 std for std 0.02: the
     same law as a normal draw clamped there, which is several times faster to sample."""
-    p.normal_(0.0, std).clamp_(-2.0, 2.0)
+    p.normal_(0.0, std, generator=generator).clamp_(-2.0, 2.0)
 
 
-def _init_param(module: nn.Module, name: str, p: torch.Tensor) -> None:
+def _init_param(module: nn.Module, name: str, p: torch.Tensor, generator: torch.Generator) -> None:
     """One parameter drawn as the ViT models draw it (timm's scheme; PyTorch's for the conv)."""
     if name == "pos_embed" or isinstance(module, RelativePosition2D):
-        _trunc_normal_(p, std=0.02)
+        _trunc_normal_(p, 0.02, generator)
     elif name == "cls_token":
-        nn.init.normal_(p, std=1e-6)
+        nn.init.normal_(p, std=1e-6, generator=generator)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(p) if name == "weight" else nn.init.zeros_(p)
     elif isinstance(module, nn.Linear):
-        _trunc_normal_(p, std=0.02) if name == "weight" else nn.init.zeros_(p)
+        _trunc_normal_(p, 0.02, generator) if name == "weight" else nn.init.zeros_(p)
     elif isinstance(module, nn.Conv2d):
         if name == "weight":
-            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=generator)
         else:
             bound = 1 / math.sqrt(math.prod(module.weight.shape[1:]))
-            nn.init.uniform_(p, -bound, bound)
+            nn.init.uniform_(p, -bound, bound, generator=generator)
     else:
         raise ValueError(f"no initialisation rule for parameter '{name}' of {type(module).__name__}")
 
 
 def reinit(model: nn.Module, seed: int, names: Optional[Collection[str]] = None) -> None:
     """Re-draw the parameters of `model` (all, or those in `names`) with the ViT init scheme, each
-    tensor under `torch.manual_seed` of (seed, its name): a tensor's values depend only on the
-    seed, never on which other tensors are re-drawn. The global RNG state is left as it was."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    tensor from its own generator seeded by (seed, its name): a tensor's values depend only on the
+    seed, never on which other tensors are re-drawn, and the global RNG is not touched (a
+    generator per tensor draws what `torch.manual_seed` would, without its cost: it queues a CUDA
+    re-seed and records a stack trace on every call)."""
+    with torch.no_grad():
         for module_name, module in model.named_modules():
             for name, p in module.named_parameters(recurse=False):
                 full = f"{module_name}.{name}" if module_name else name
                 if names is None or full in names:
-                    torch.manual_seed(_param_seed(seed, full))
-                    _init_param(module, name, p)
+                    generator = torch.Generator(device=p.device).manual_seed(_param_seed(seed, full))
+                    _init_param(module, name, p, generator)
 
 
 # ------------------------------------------------------------------------------- the circle

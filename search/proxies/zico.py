@@ -22,7 +22,7 @@ def zico(grads: list[dict[str, torch.Tensor]]) -> Optional[float]:
     total, layers = 0.0, 0
     for name in grads[0]:
         g = torch.stack([b[name].reshape(-1) for b in grads]).double()
-        std = g.std(dim=0, unbiased=False)
+        std = (g - g.mean(dim=0)).pow(2).mean(dim=0).sqrt()  # as Tensor.std(dim=0), many times faster here
         varies = std > 0
         ratio = float((g.abs().mean(dim=0)[varies] / std[varies]).sum())
         if ratio > 0:

@@ -111,10 +111,16 @@ def _one_init(names: set[str], net: nn.Module, static: nn.Module, images: torch.
         out["ntk_condition"] = measures.ntk_condition(static, images, cfg)
     if names & {"snip", "zico"}:
         grads = loss_gradients(static, images, labels, cfg.zico_batches)
-        out.update(snip=snip(layer_weights(static), grads), zico=zico(grads))
+        if "snip" in names:
+            out["snip"] = snip(layer_weights(static), grads)
+        if "zico" in names:
+            out["zico"] = zico(grads)
     if names & {"synflow", "dss"}:
         linear = linearised_gradients(static, images.shape[1:])
-        out.update(synflow=synflow(linear), dss=dss(linear))
+        if "synflow" in names:
+            out["synflow"] = synflow(linear)
+        if "dss" in names:
+            out["dss"] = dss(linear)
     if "nwot" in names:
         out["nwot"] = nwot(static, images)
     return {k: v for k, v in out.items() if k in names}

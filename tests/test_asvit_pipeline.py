@@ -111,20 +111,23 @@ def test_no_superformer_refusals_are_one_line_and_write_nothing(tmp_path, tiny_d
 
 
 # ------------------------------------------------------------------------------ RL search
-def test_rl_search_is_deterministic_and_stays_in_budget(tmp_path, tiny_digits, capsys):
+def test_rl_search_is_deterministic_resumes_and_stays_in_budget(tmp_path, tiny_digits, capsys):
+    """Two RL searches with one seed, the second stopped after 3 steps and continued to 6, give
+    the same result.json (apart from the config, which names the output folder)."""
     space = space_from_config(load_config(YAML, SMALL))
     lo, hi = space.cost_span(lambda a: space.cost(a, 10))["params"]
     limit = (lo + hi) // 2
     results = []
-    for run in ("a", "b"):
-        code = main(["search", "-c", str(YAML), f"output_dir={tmp_path / run}", f"data.root={tiny_digits}",
-                     "search.algorithm=rl", "search.scorer=proxy", "search.steps=6", f"search.params_max={limit}",
-                     *FAST_PROXY, *SMALL])
-        assert code == 0
+    for run, steps in (("a", [6]), ("b", [3, 6])):
+        for n in steps:
+            code = main(["search", "-c", str(YAML), f"output_dir={tmp_path / run}", f"data.root={tiny_digits}",
+                         "search.algorithm=rl", "search.scorer=proxy", f"search.steps={n}",
+                         f"search.params_max={limit}", *FAST_PROXY, *SMALL])
+            assert code == 0
         summary = last_json(capsys)
         result = json.loads((tmp_path / run / "search" / "result.json").read_text())
         assert summary["arch"] == result["chosen"]["arch"]
-        results.append({k: v for k, v in result.items() if k != "config"})  # config: its output_dir
+        results.append({k: v for k, v in result.items() if k != "config"})
     assert results[0] == results[1]
     result = results[0]
     assert result["progress"] == {"steps": 6} and result["scorer"]["name"] == "proxy"

@@ -180,3 +180,24 @@ def test_rank_ground_truth_on_a_slurm_array(slurm_cluster, local_ground_truth, t
     assert corr["ground_truth"]["runs"] == local["ground_truth"]["runs"]
     logs = list((tmp_path / "run" / "rank" / "submitit").glob("*_0_log.out"))
     assert logs, "no Slurm array task logs under rank/submitit"
+
+
+def test_rank_on_the_asvit_space(tiny_digits, tmp_path, capsys) -> None:
+    """As-ViT topologies (no superformer): the proxies of freshly built models and the baselines
+    against a table; a superformer checkpoint is refused for such a space."""
+    yaml_path = ROOT / "yamls" / "asvit-digits.yaml"
+    base = ["rank", "-c", str(yaml_path), f"data.root={tiny_digits}", "proxy.inits=1", "proxy.thetas=4",
+            "proxy.ntk_images=4", "rank.bands=1", "rank.bootstrap=100", "rank.proxies=[length_distortion]"]
+    cfg = load_config(yaml_path, [f"output_dir={tmp_path}", f"data.root={tiny_digits}"])
+    space = space_from_config(cfg)
+    rng = __import__("numpy").random.default_rng(0)
+    archs = list({space.key(a): a for a in (space.sample(rng) for _ in range(12))}.values())[:4]
+    rows = [{"arch": a, "acc": float(space.cost(a, 10).params)} for a in archs]
+    table = write_table(tmp_path / "gt.json", rows)
+    assert cli_main([*base, f"output_dir={tmp_path / 'run'}", "--ground-truth", str(table)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["kendall_tau"]["acc"]["params"] == pytest.approx(1.0)
+    assert summary["scores"] == ["length_distortion", "params", "macs"]
+    assert cli_main([*base, f"output_dir={tmp_path / 'no'}", "--ground-truth", str(table),
+                     "supernet.checkpoint=x.pth"]) == 2
+    assert "has no superformer" in capsys.readouterr().err

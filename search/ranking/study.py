@@ -47,7 +47,7 @@ from vitas.search.ranking.stats import correlation_difference, fidelity
 from vitas.search.ranking.tables import read_ground_truth
 from vitas.search.scoring.accuracy import AccuracyScorer
 from vitas.supernet.checkpoint import superformer_path
-from vitas.supernet.complexity import arch_cost
+from vitas.supernet.models import create_model
 from vitas.supernet.space import SearchSpace, space_from_config
 
 log = logging.getLogger("vitas.rank")
@@ -62,7 +62,7 @@ def sample_archs(space: SearchSpace, cfg: Config, n: int) -> list[dict]:
     """`n` distinct architectures, one per equal-width MACs bin of the budget within the space's
     range, seeded by proxy.seed (a bin nobody falls into is drawn from the whole range)."""
     classes = num_classes(cfg.data)
-    cost_fn = lambda a: arch_cost(a, space, classes)  # noqa: E731
+    cost_fn = lambda a: space.cost(a, classes)  # noqa: E731
     space_lo, space_hi = lo, hi = space.cost_span(cost_fn)["macs"]
     lo = max(lo, cfg.search.macs_min) if cfg.search.macs_min is not None else lo
     hi = min(hi, cfg.search.macs_max) if cfg.search.macs_max is not None else hi
@@ -100,7 +100,7 @@ def _has_checkpoint(cfg: Config) -> bool:
 
 
 def _inherited(cfg: Config) -> bool:
-    return cfg.rank.inherited and _has_checkpoint(cfg)
+    return cfg.rank.inherited and cfg.space.kind == "vit" and _has_checkpoint(cfg)
 
 
 def architectures(cfg: Config, space: SearchSpace) -> tuple[list[dict], dict[str, list], list]:
@@ -120,6 +120,9 @@ def check(cfg: Config) -> None:
     ground-truth recipe, and bands the architectures can fill."""
     check_proxy_config(cfg.proxy)
     zoo.check_names(cfg.rank.proxies)
+    if cfg.space.kind != "vit" and cfg.supernet.checkpoint:
+        raise UserError(f"supernet.checkpoint is set, but a space.kind={cfg.space.kind} space has no "
+                        "superformer (no inherited accuracy to rank)")
     check_data_source(cfg.data, holdout=_inherited(cfg))
     space = space_from_config(cfg)
     archs, table, _ = architectures(cfg, space)
@@ -135,14 +138,17 @@ def check(cfg: Config) -> None:
 
 
 def score_rows(cfg: Config, space: SearchSpace, archs: list[dict]) -> list[dict]:
-    """One row per architecture: params, MACs, the proxies, inherited top-1 when scored."""
+    """One row per architecture: params, MACs, the proxies, inherited top-1 when scored. Flat
+    spaces score subnets of one fresh superformer; As-ViT topologies a freshly built model each."""
     classes = num_classes(cfg.data)
-    model = proxy_superformer(cfg)
+    flat = cfg.space.kind == "vit"
+    model = proxy_superformer(cfg) if flat else None
     images, labels = proxy_batch(cfg)
     rows = []
     for i, arch in enumerate(progress(archs, desc="proxies")):
-        cost = arch_cost(arch, space, classes)
-        record = zoo.compute_proxies(cfg.rank.proxies, model, arch, images, cfg.proxy, labels)
+        cost = space.cost(arch, classes)
+        net, sub = (model, arch) if flat else (create_model(space, arch, classes).eval(), None)
+        record = zoo.compute_proxies(cfg.rank.proxies, net, sub, images, cfg.proxy, labels)
         rows.append({"index": i, "arch": arch, "params": cost.params, "macs": cost.macs, **record})
     if _inherited(cfg):
         for row, acc in zip(rows, AccuracyScorer(cfg).score(archs)):

@@ -56,7 +56,8 @@ def _rows(path: Path) -> list[dict]:
         data = data["rows"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise UserError(f"{path}: expected a list of objects, one per architecture")
-    return [dict(r, **r.get("acc", {})) if isinstance(r.get("acc"), dict) else r for r in data]
+    return [{**{k: v for k, v in r.items() if k != "acc"}, **r["acc"]} if isinstance(r.get("acc"), dict)
+            else r for r in data]
 
 
 def _number(value: Any, where: str) -> Optional[float]:
@@ -82,11 +83,11 @@ def read_ground_truth(path: str | Path, space: Any, targets: Sequence[str] = ())
     rows = _rows(path)
     if len(rows) < 2:
         raise UserError(f"{path}: a ranking needs at least 2 architectures, the table has {len(rows)}")
-    columns = [c for c in rows[0] if c not in ("arch", "acc", *IGNORED)]
+    columns: list[str] = []
     for i, row in enumerate(rows):
         if "arch" not in row:
             raise UserError(f"{path}: row {i + 1} has no 'arch'")
-        columns += [c for c in row if c not in columns and c not in ("arch", "acc", *IGNORED)]
+        columns += [c for c in row if c not in columns and c not in ("arch", *IGNORED)]
     wanted = list(targets) or columns
     for name in wanted:
         if name not in columns:

@@ -84,6 +84,11 @@ class RunLayout:
         """Every grown architecture with its proxies and cost: `scale/trajectory.json`."""
         return self.stage(SCALE) / "trajectory.json"
 
+    @property
+    def scale_archs(self) -> Path:
+        """One architecture file per grown step: `scale/archs/step<k>-<params>M.json`."""
+        return self.stage(SCALE) / "archs"
+
     # ------------------------------------------------------------------ retrain, evaluate
     @property
     def retrain_checkpoint(self) -> Path:

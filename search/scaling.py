@@ -276,7 +276,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
     last = traj["steps"][-1]
     return {"arch": last["arch"], "params": last["params"], "macs": last["macs"],
             "steps": len(traj["steps"]) - 1, "trajectory": traj["steps"], "output": str(path),
-            "archs": str(path.parent / "archs")}
+            "archs": str(run_layout(cfg.output_dir).scale_archs)}
 
 
 def _depth(arch: dict) -> str:

@@ -14,9 +14,10 @@ With T = (img_size / patch)^2 + 1 tokens (class token included), embed E, and pe
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from vitas.supernet.space import SearchSpace
+if TYPE_CHECKING:  # a type hint only: space.py calls arch_cost for SearchSpace.cost
+    from vitas.supernet.space import SearchSpace
 
 
 class Cost(NamedTuple):

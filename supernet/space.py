@@ -17,6 +17,7 @@ import numpy as np
 from vitas.core.checkpoint import check_space
 from vitas.core.config import SpaceConfig
 from vitas.core.errors import UserError
+from vitas.supernet.complexity import arch_cost
 
 LAYER_FIELDS = ("num_heads", "attn_dim", "mlp_dim")
 ARCH_FIELDS = ("patch_size", "embed_dim", "depth") + LAYER_FIELDS
@@ -411,8 +412,6 @@ class SearchSpace:
     def cost(self, arch: dict, num_classes: int) -> Any:
         """Params and MACs (`supernet.complexity.Cost`) of a valid `arch` with a `num_classes`-way
         head: `supernet.complexity.arch_cost`, the call every kind of space answers."""
-        from vitas.supernet.complexity import arch_cost  # complexity imports this module (its type hints)
-
         return arch_cost(arch, self, num_classes)
 
     def model_args(self, arch: dict, num_classes: int) -> dict:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -25,9 +26,41 @@ def choice(default: str, *allowed: str) -> Any:
     return field(default=default, metadata={"choices": tuple(allowed)})
 
 
-def at_least(default: int | float, low: int | float) -> Any:
+def at_least(default: Any, low: int | float) -> Any:
     """A number field that must be >= `low` (checked when the config loads)."""
     return field(default=default, metadata={"min": low})
+
+
+def above(default: Any, low: int | float) -> Any:
+    """A finite number field that must be > `low`."""
+    return field(default=default, metadata={"min": low, "min_open": True})
+
+
+def within(default: Any, low: int | float, high: int | float, high_open: bool = False) -> Any:
+    """A number field in [low, high] (or [low, high) with `high_open`)."""
+    return field(default=default, metadata={"min": low, "max": high, "max_open": high_open})
+
+
+def _rule(meta: Mapping[str, Any], optional: bool, number: bool) -> str:
+    """A field's rule in words, as error messages state it (`number`: a float field)."""
+    low, high = meta.get("min"), meta.get("max")
+    if high is not None:
+        text = f"in [{low}, {high}{')' if meta.get('max_open') else ']'}"
+    elif meta.get("min_open"):
+        text = f"a number > {low}"
+    else:
+        text = f"a number >= {low}" if number else f">= {low}"
+    return f"null or {text}" if optional else text
+
+
+def _breaks(meta: Mapping[str, Any], value: Any) -> bool:
+    """Whether a number breaks its field's bounds (a bounded number must also be finite)."""
+    low, high = meta.get("min"), meta.get("max")
+    if isinstance(value, float) and not math.isfinite(value):
+        return True
+    if low is not None and (value <= low if meta.get("min_open") else value < low):
+        return True
+    return high is not None and (value >= high if meta.get("max_open") else value > high)
 
 
 def allowed_values(section: type, key: str) -> tuple[str, ...]:
@@ -125,49 +158,50 @@ class DataConfig:
     """Folder data set (`root/train/<class>/`, `root/val/<class>/`) and timm's augmentation."""
 
     root: str = ""
-    num_classes: Optional[int] = None
-    holdout_per_class: int = 10
-    split_seed: int = 0
-    workers: int = 2
+    num_classes: Optional[int] = at_least(None, 1)
+    holdout_per_class: int = at_least(10, 0)
+    split_seed: int = at_least(0, 0)
+    workers: int = at_least(2, 0)
     broken_images: str = choice("error", "error", "skip")  # skip: leave out and count them
-    interpolation: str = "bicubic"
+    # timm's interpolations; its 'random' (train only) would fail in the eval transform
+    interpolation: str = choice("bicubic", "nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    crop_pct: float = 0.875
+    crop_pct: float = above(0.875, 0)
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    hflip: float = 0.5
-    color_jitter: float = 0.4
+    hflip: float = within(0.5, 0, 1)
+    color_jitter: float = at_least(0.4, 0)
     # DeiT's RandAugment with magnitudes capped at 9: at 10, timm's increasing posterize keeps
     # 0 bits, which Pillow >= 13 rejects in the middle of a run.
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1-mmax9"
-    reprob: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    smoothing: float = 0.1
+    reprob: float = within(0.25, 0, 1)
+    mixup: float = at_least(0.8, 0)
+    cutmix: float = at_least(1.0, 0)
+    mixup_prob: float = within(1.0, 0, 1)
+    mixup_switch_prob: float = within(0.5, 0, 1)
+    smoothing: float = within(0.1, 0, 1, high_open=True)
 
 
 @dataclass
 class TrainingRecipe:
     """The optimisation settings that supernet training and retraining share (timm's factories)."""
 
-    epochs: int = 100
-    batch_size: int = 128
+    epochs: int = at_least(100, 1)
+    batch_size: int = at_least(128, 1)
     opt: str = "adamw"
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: int = 5
-    weight_decay: float = 0.05
-    clip_grad: Optional[float] = None
-    drop_path: float = 0.1
+    lr: float = above(5e-4, 0)
+    min_lr: float = at_least(1e-5, 0)
+    warmup_lr: float = at_least(1e-6, 0)
+    warmup_epochs: int = at_least(5, 0)
+    weight_decay: float = at_least(0.05, 0)
+    clip_grad: Optional[float] = at_least(None, 0)
+    drop_path: float = within(0.1, 0, 1, high_open=True)
     ema: bool = False
-    ema_decay: float = 0.99996
+    ema_decay: float = within(0.99996, 0, 1, high_open=True)
     amp: bool = True
-    save_every_steps: int = 0
-    log_every_steps: int = 20
-    seed: int = 0
+    save_every_steps: int = at_least(0, 0)
+    log_every_steps: int = at_least(20, 0)
+    seed: int = at_least(0, 0)
     deterministic: bool = False
 
 
@@ -179,7 +213,7 @@ class SupernetConfig(TrainingRecipe):
     of its weights search, rank and `retrain.init=supernet` read (one policy for all of them).
     """
 
-    clip_grad: Optional[float] = 5.0
+    clip_grad: Optional[float] = at_least(5.0, 0)
     sampling: str = choice("uniform", "uniform", "autoslim", "bcnet", "sandwich")
     distill: bool = False  # in-place distillation from the max subnet (added as a pass if needed)
     distill_loss: str = choice("kl", "kl", "alpha")  # soft cross-entropy, or AlphaNet's bounded alpha-divergence
@@ -202,11 +236,13 @@ class SearchConfig:
     population: int = at_least(50, 2)
     generations: int = at_least(20, 0)
     steps: int = at_least(500, 1)
-    constraint: str = choice("macs", "macs", "params")
+    constraint: str = choice("macs", "macs", "params", "latency")  # NSGA-II's cost axis, the plot's x axis
     macs_min: Optional[int] = None
     macs_max: Optional[int] = None
     params_min: Optional[int] = None
     params_max: Optional[int] = None
+    latency_min: Optional[float] = at_least(None, 0)  # ms per batch, predicted by the latency model
+    latency_max: Optional[float] = at_least(None, 0)  # (docs/LATENCY.md "Search with it")
     mutation_prob: float = 0.1
     crossover_prob: float = 0.9
     top_k: int = at_least(10, 1)
@@ -268,7 +304,7 @@ class ScaleConfig:
 class RetrainConfig(TrainingRecipe):
     """Training the chosen architecture from scratch or from superformer weights."""
 
-    epochs: int = 300
+    epochs: int = at_least(300, 1)
     ema: bool = True
     arch: Optional[str] = None
     init: str = choice("scratch", "scratch", "supernet")
@@ -462,9 +498,9 @@ def _check_allowed(f: dataclasses.Field, value: Any, key: str) -> None:
         near = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{hint}")
-    low = f.metadata.get("min")
-    if low is not None and value is not None and not value >= low:
-        raise UserError(f"{key} must be >= {low}, got {value!r}")
+    if value is not None and f.metadata.get("min", f.metadata.get("max")) is not None and _breaks(f.metadata, value):
+        optional = "Optional" in str(f.type)
+        raise UserError(f"{key} must be {_rule(f.metadata, optional, 'float' in str(f.type))}, got {value!r}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

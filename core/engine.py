@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from vitas.core import dist
 from vitas.core.checkpoint import (load_checkpoint, nonfinite_tensors, rng_state, save_checkpoint,
                                    set_rng_state)
-from vitas.core.config import FieldRule, check_fields
 from vitas.core.errors import UserError
 from vitas.core.logs import RunLogger, progress
 
@@ -73,28 +72,10 @@ class TrainSection(Protocol):
 
 
 # ----------------------------------------------------------------------------- recipe checks
-# (field, rule in words, test): what timm and torch accept and a run can use; nan fails every test.
-_RECIPE_RULES: tuple[FieldRule, ...] = (
-    ("epochs", ">= 1", lambda v: v >= 1),
-    ("batch_size", ">= 1", lambda v: v >= 1),
-    ("lr", "a number > 0", lambda v: 0 < v < math.inf),
-    ("min_lr", "a number >= 0", lambda v: 0 <= v < math.inf),
-    ("warmup_lr", "a number >= 0", lambda v: 0 <= v < math.inf),
-    ("warmup_epochs", ">= 0", lambda v: v >= 0),
-    ("weight_decay", "a number >= 0", lambda v: 0 <= v < math.inf),
-    ("clip_grad", "null or a number >= 0", lambda v: v is None or 0 <= v < math.inf),
-    ("drop_path", "in [0, 1)", lambda v: 0 <= v < 1),
-    ("ema_decay", "in [0, 1)", lambda v: 0 <= v < 1),
-    ("save_every_steps", ">= 0", lambda v: v >= 0),
-    ("log_every_steps", ">= 0", lambda v: v >= 0),
-    ("seed", ">= 0", lambda v: v >= 0),
-)
-
-
 def check_recipe(section: TrainSection, name: str) -> None:
-    """UserError naming `<name>.<key>` for a recipe value timm, torch or the loop cannot use,
-    so a stage can refuse it before it reads data or writes anything."""
-    check_fields(section, _RECIPE_RULES, name)
+    """UserError naming `<name>.<key>` for a recipe timm, torch or the loop cannot use (the value
+    ranges are the config schema's, checked at load; here what only the recipe as a whole, or
+    timm, can say), so a stage can refuse it before it reads data or writes anything."""
     if section.min_lr > section.lr:
         raise UserError(f"{name}.min_lr {section.min_lr} is larger than {name}.lr {section.lr}: "
                         "the cosine schedule would raise the learning rate")

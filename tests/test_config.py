@@ -130,3 +130,16 @@ def test_cli_help_lists_subcommands():
 
 def test_cli_unknown_subcommand_exit_2():
     assert run_cli("no-such-command").returncode == 2
+
+
+def test_recipe_overrides_keep_their_value_rules():
+    """A section that overrides a shared recipe default keeps the field's rule (epochs >= 1 ...)."""
+    import dataclasses
+
+    from vitas.core.config import RetrainConfig, SupernetConfig, TrainingRecipe
+
+    base = {f.name: f.metadata for f in dataclasses.fields(TrainingRecipe)}
+    for cls in (SupernetConfig, RetrainConfig):
+        for f in dataclasses.fields(cls):
+            if base.get(f.name):
+                assert f.metadata == base[f.name], (cls.__name__, f.name)

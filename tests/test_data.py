@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from vitas.core.config import DataConfig
+from vitas.core.config import DataConfig, config_from_dict
 from vitas.core.data import (build_dataset, build_splits, create_loader, create_loss, create_mixup,
                        num_classes, split_train_holdout, targets, write_digits)
 from vitas.core.errors import UserError
@@ -36,7 +36,8 @@ def digits(tmp_path_factory) -> Path:
 
 
 def cfg_for(root, **kw) -> DataConfig:
-    return DataConfig(root=str(root), **kw)
+    """A data section checked as a config file's would be (the value rules apply at load)."""
+    return config_from_dict({"data": {"root": str(root), **kw}}).data
 
 
 def test_digits_complete(digits):

@@ -355,16 +355,16 @@ class LaunchConfig:
     """How `vitas submit` runs a stage: Slurm through submitit, or submitit's local executor."""
 
     executor: str = choice("auto", "auto", "slurm", "local")
-    nodes: int = 1
-    tasks_per_node: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem_gb: Optional[int] = None
+    nodes: int = at_least(1, 1)
+    tasks_per_node: int = at_least(1, 1)
+    gpus_per_node: int = at_least(0, 0)
+    cpus_per_task: int = at_least(1, 1)
+    mem_gb: Optional[int] = at_least(None, 1)  # null: the cluster's default
     partition: Optional[str] = None
-    timeout_min: int = 60
+    timeout_min: int = at_least(60, 1)
     job_name: str = "vitas"
-    array_parallelism: int = 8
-    max_requeue: int = 3
+    array_parallelism: int = at_least(8, 1)
+    max_requeue: int = at_least(3, 0)
 
 
 @dataclass

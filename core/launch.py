@@ -51,16 +51,8 @@ def resolve_executor(launch_cfg: LaunchConfig) -> str:
 
 
 def _check_launch(launch_cfg: LaunchConfig, kind: str) -> None:
-    """UserErrors for settings no executor can honour, naming the key."""
-    at_least = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "cpus_per_task": 1,
-                "timeout_min": 1, "array_parallelism": 1, "max_requeue": 0}
-    for key, low in at_least.items():
-        value = getattr(launch_cfg, key)
-        if value < low:
-            raise UserError(f"launch.{key} must be >= {low}, got {value}")
-    if launch_cfg.mem_gb is not None and launch_cfg.mem_gb <= 0:
-        raise UserError(f"launch.mem_gb must be positive (or null for the cluster default), "
-                        f"got {launch_cfg.mem_gb}")
+    """UserErrors for settings no executor can honour, naming the key (value ranges are the
+    config schema's)."""
     if not launch_cfg.job_name or any(c.isspace() for c in launch_cfg.job_name):
         raise UserError(f"launch.job_name must be a non-empty word, got {launch_cfg.job_name!r}")
     if kind == "local" and launch_cfg.nodes != 1:

@@ -138,7 +138,7 @@ def test_stage_job_checkpoint_is_the_same_stage(tmp_path: Path) -> None:
     (["launch.executor=cloud"], "launch.executor must be one of"),
     (["launch.executor=local", "launch.nodes=2"], "launch.nodes=2 needs Slurm"),
     (["launch.tasks_per_node=0"], "launch.tasks_per_node must be >= 1"),
-    (["launch.mem_gb=0"], "launch.mem_gb must be positive"),
+    (["launch.mem_gb=0"], "launch.mem_gb must be null or >= 1"),
     (["launch.job_name=two words"], "launch.job_name"),
 ])
 def test_bad_launch_settings(tmp_path: Path, overrides: list[str], message: str) -> None:

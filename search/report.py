@@ -15,7 +15,8 @@ import yaml
 from vitas.core.checkpoint import atomic_write, write_json
 from vitas.core.config import Config
 
-RECORD_KEYS = ("key", "arch", "macs", "params", "feasible", "found", "fitness")
+RECORD_KEYS = ("key", "arch", "macs", "params", "latency_ms", "latency_measured_ms", "feasible", "found", "fitness")
+AXIS_LABELS = {"macs": "MACs", "params": "params", "latency_ms": "predicted latency (ms per batch)"}
 
 
 def json_safe(obj: Any) -> Any:
@@ -30,7 +31,8 @@ def json_safe(obj: Any) -> Any:
 
 
 def entry(record: dict) -> dict:
-    """A result.json entry: arch, cost, feasibility, origin, fitness and the scorer's `scores`."""
+    """A result.json entry: arch, cost (with `latency_ms`, and `latency_measured_ms` when
+    re-measured), feasibility, origin, fitness and the scorer's `scores`."""
     out = {k: record[k] for k in RECORD_KEYS if k in record and k != "key"}
     out["scores"] = {k: v for k, v in record.items() if k not in RECORD_KEYS}
     return out
@@ -44,9 +46,10 @@ def retrain_config(cfg: Config, arch_path: Path) -> dict:
 
 
 def plot_pareto(records: Sequence[dict], front: Sequence[dict], chosen: Optional[dict],
-                cost: str, metric: str, path: Path, bounds: Sequence[Optional[int]] = ()) -> None:
-    """Score vs cost of every scored architecture, the Pareto front as a line, the choice starred,
-    the budget's bounds on the cost as dashed lines."""
+                cost: str, metric: str, path: Path, bounds: Sequence[Optional[float]] = ()) -> None:
+    """Score vs cost (`macs`, `params` or `latency_ms`) of every scored architecture, the Pareto
+    front as a line, the choice starred, the budget's bounds on the cost as dashed lines; a
+    re-measured choice's measured latency as a hollow marker beside its prediction."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,10 +63,13 @@ def plot_pareto(records: Sequence[dict], front: Sequence[dict], chosen: Optional
     if chosen is not None:
         ax.scatter([chosen[cost]], [chosen[metric]], marker="*", s=220, c="tab:red", zorder=5,
                    label="chosen")
+        if cost == "latency_ms" and chosen.get("latency_measured_ms") is not None:
+            ax.scatter([chosen["latency_measured_ms"]], [chosen[metric]], marker="*", s=220, zorder=5,
+                       facecolors="none", edgecolors="tab:red", label="chosen, re-measured")
     for bound in bounds:
         if bound is not None:
             ax.axvline(bound, ls="--", c="tab:green", lw=1)
-    ax.set_xlabel(cost.upper() if cost == "macs" else cost)
+    ax.set_xlabel(AXIS_LABELS.get(cost, cost))
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

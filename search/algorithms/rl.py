@@ -105,7 +105,7 @@ class Reinforce(SearchAlgorithm):
             if self.archive.budget.feasible(self.archive.cost(arch)):
                 return x, arch
         raise UserError(f"the RL policy drew no architecture inside the budget in {self.max_tries} "
-                        "samples; widen search.macs_min/max or search.params_min/max")
+                        "samples; widen search.macs_min/max, params_min/max or latency_min/max")
 
     def _reward(self, record: dict) -> float:
         """As-ViT's normalised-delta reward; the first step (no previous value) earns 0."""
@@ -153,10 +153,11 @@ class Reinforce(SearchAlgorithm):
         return self.space.decode(np.array([int(torch.argmax(p.detach())) for p in self.logits]))
 
     def choose(self) -> tuple[Optional[dict], dict]:
-        """As-ViT's answer, the policy's argmax, when it is valid and inside the budget; else the
-        best feasible architecture seen (result.json's `rl.argmax_chosen` says which)."""
+        """As-ViT's answer, the policy's argmax, when it is valid and inside the budget (and not
+        re-measured past a latency limit); else the best feasible architecture seen (result.json's
+        `rl.argmax_chosen` says which)."""
         argmax = self.archive.evaluate([self.argmax_arch()], found=self.step_count)[0]
-        chosen = self.archive.scored(argmax)
+        chosen = self.archive.choosable(argmax)
         extra = {"rl": {"argmax": argmax, "argmax_chosen": chosen, "final_entropy": self.entropy(),
                         "trace": self.trace}}
         return (argmax if chosen else self.archive.best()), extra

@@ -27,9 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(validate)
     validate.add_argument("--arch", required=True, metavar="FILE_OR_JSON", help="arch.json or inline JSON")
     validate.set_defaults(func=_validate)
-    cost = sub.add_parser("cost", help="print params and MACs of an architecture",
-                          description="Analytic parameters and MACs (DESIGN 4); the last line is "
-                          '{"params": ..., "macs": ...}.')
+    cost = sub.add_parser("cost", help="print params and MACs (and predicted latency) of an architecture",
+                          description="Analytic parameters and MACs (DESIGN 4), and the latency "
+                          "model's predicted latency in ms per batch when the config has a latency "
+                          "model file (latency.model, default <output_dir>/latency/latency.json); "
+                          'the last line is {"params": ..., "macs": ..., ["latency_ms": ...]}.')
     add_config_args(cost)
     cost.add_argument("--arch", required=True, metavar="FILE_OR_JSON", help="arch.json or inline JSON")
     cost.set_defaults(func=_cost)
@@ -66,9 +68,15 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _cost(args: argparse.Namespace) -> None:
+    from vitas.inference.latency import load_for_config, model_path
     from vitas.supernet.space import load_arch, space_from_config
 
     cfg = config_from_args(args)
     space = space_from_config(cfg)
-    cost = space.cost(space.validate(load_arch(args.arch)), num_classes(cfg))
-    print(json.dumps({"params": cost.params, "macs": cost.macs}))
+    arch = space.validate(load_arch(args.arch))
+    cost = space.cost(arch, num_classes(cfg))
+    report = {"params": cost.params, "macs": cost.macs}
+    if model_path(cfg).is_file():
+        model, _ = load_for_config(cfg, num_classes(cfg))
+        report["latency_ms"] = model.predict(arch)
+    print(json.dumps(report))

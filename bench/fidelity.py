@@ -99,7 +99,9 @@ class Study:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
-        proc = subprocess.run([sys.executable, "-m", "vitas", *args], cwd=ROOT, env=env,
+        # Run from the work folder: a checkout's root would put its own `vitas/` first on the path.
+        self.work.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "vitas", *args], cwd=self.work, env=env,
                               capture_output=True, text=True)
         if log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,7 @@ def ensure_data(study: Study, name: str, size_args: list[str]) -> None:
         study.vitas("data", name, str(study.data), *size_args)
 
 
-def ground_truth(study: Study, archs: int, seeds: int) -> Path:
+def ground_truth(study: Study, archs: int, seeds: int, executor: str) -> Path:
     """The table of `archs` architectures' mean val top-1 over `seeds` seeds (trained once)."""
     table = study.work / "ground_truth.json"
     if table.is_file():
@@ -161,6 +163,7 @@ def ground_truth(study: Study, archs: int, seeds: int) -> Path:
     # Slurm (when the local cluster runs) trains one array task per (arch, seed), two at a time.
     study.stage("rank", out, f"rank.archs={archs}", "rank.proxies=[]", "rank.inherited=false",
                 f"rank.ground_truth_seeds={seeds}", "launch.timeout_min=600",
+                f"launch.executor={executor}",
                 options=("--ground-truth-epochs", str(_retrain_epochs(study))))
     rows = _csv(out / "rank" / "ranking.csv")
     runs = json.loads((out / "rank" / "correlations.json").read_text())["ground_truth"]["runs"]
@@ -295,15 +298,15 @@ def table_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(result: dict) -> None:
-    text = DOC.read_text() if DOC.is_file() else "# Fidelity\n"
+def write_doc(result: dict, doc: Path) -> None:
+    text = doc.read_text() if doc.is_file() else "# Fidelity\n"
     block = f"{BEGIN}\n{table_markdown(result)}\n\n{result['summary_text']}\n{END}"
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
         text = head + block + rest.split(END, 1)[1]
     else:
         text = text.rstrip() + "\n\n## The fidelity table (bench/fidelity.py)\n\n" + block + "\n"
-    DOC.write_text(text)
+    doc.write_text(text)
 
 
 def summarise(result: dict) -> str:
@@ -340,7 +343,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--toy", action="store_true", help="a minute-long run on digits (tests)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/FIDELITY.md")
+    parser.add_argument("--doc", type=Path, default=DOC, help="the doc whose table to rewrite")
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite the doc")
+    parser.add_argument("--ground-truth-executor", default="local", choices=("local", "slurm"),
+                        help="slurm: one array task per (arch, seed), as many at once as the cluster has CPUs")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args()
     extra = list(args.overrides)
@@ -360,7 +366,8 @@ def main() -> int:
     study = Study(args.config.resolve(), args.work.resolve(), args.data.resolve(), args.jobs, args.toy, extra)
     start = time.time()
     study.timed("data", ensure_data, study, args.dataset, [])
-    table = study.timed("ground truth", ground_truth, study, args.archs, args.seeds)
+    table = study.timed("ground truth", ground_truth, study, args.archs, args.seeds,
+                        args.ground_truth_executor)
     runs = dict(zip(names, study.timed("superformers", study.parallel,
                                        lambda n: train_supernet(study, n), names)))
     proxies = ["length_distortion", "ntk_condition"]
@@ -392,7 +399,7 @@ def main() -> int:
     result["summary_text"] = summarise(result)
     _write(args.out, result)
     if not args.no_doc:
-        write_doc(result)
+        write_doc(result, args.doc)
     print(table_markdown(result))
     print(result["summary_text"])
     print("time spent: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))

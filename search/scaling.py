@@ -32,7 +32,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from vitas.core.checkpoint import write_json
 from vitas.core.config import Config
@@ -40,7 +39,9 @@ from vitas.core.data import check_data_source, num_classes
 from vitas.core.errors import UserError
 from vitas.core.layout import SCALE, run_layout
 from vitas.core.stage import Option, Stage, StageContext
-from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores
+from vitas.search.proxies.measures import check_proxy_config, proxy_batch
+from vitas.search.proxies.zoo import PROXIES, compute_proxies
+from vitas.search.scoring.proxy import ProxyScorer
 from vitas.supernet import asvit_scaling
 from vitas.supernet.asvit import is_asvit_arch
 from vitas.supernet.asvit_space import to_genotype
@@ -101,51 +102,56 @@ def candidates(arch: dict, stages: list[int], head_dim: Optional[int] = None) ->
     return out
 
 
-def best_choice(records: list[dict]) -> int:
-    """Index of the smallest rank(L^E descending) + rank(kappa ascending) among valid records
-    (the first on ties); -1 when none is valid."""
+def best_choice(records: list[dict], scorer: ProxyScorer) -> int:
+    """Index of the valid record of highest `scorer` fitness (`proxy.combine`; As-ViT's default:
+    the smallest rank of L^E descending plus rank of kappa ascending), the first on ties; -1 when
+    none is valid. Each valid record gains its "fitness"."""
     valid = [i for i, r in enumerate(records) if r["valid"]]
     if not valid:
         return -1
-    total = rankdata([-records[i]["length_distortion"] for i in valid]) + rankdata(
-        [records[i]["ntk_condition"] for i in valid])
-    for i, t in zip(valid, total):
-        records[i]["rank_sum"] = float(t)
-    return valid[int(np.argmin(total))]
+    fitness = scorer.fitness([records[i] for i in valid])
+    for i, f in zip(valid, fitness):
+        records[i]["fitness"] = float(f)
+    return valid[int(np.argmax(fitness))]
 
 
 class Scaler:
     """Runs Algorithm 2 for one config: builds static models (StaticViT or AsViT) and scores them
-    with the proxies."""
+    with the configured proxies (`proxy.names`, combined as `proxy.combine`)."""
 
-    def __init__(self, cfg: Config, images: Optional[torch.Tensor] = None):
+    def __init__(self, cfg: Config, batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         check_proxy_config(cfg.proxy)
         self.cfg = cfg
         self.space = space_from_config(cfg)
         self.classes = num_classes(cfg.data)
-        self.images = ntk_batch(cfg) if images is None else images
+        self.scorer = ProxyScorer(cfg, device="cpu")
+        self.images, self.labels = proxy_batch(cfg) if batch is None else batch
 
     def measure(self, arch: dict) -> dict:
-        """Proxies (L^E, kappa, valid), params and MACs of `arch`'s static model."""
+        """The proxies (and validity), params and MACs of `arch`'s static model."""
         with torch.random.fork_rng(devices=[]):  # the constructor's own init is re-drawn anyway
             model = create_model(self.space, arch, self.classes)
-        scores = proxy_scores(model, None, self.images, self.cfg.proxy, curvature=False)
+        scores = compute_proxies(self.scorer.names, model, None, self.images, self.cfg.proxy, self.labels)
         cost = self.space.cost(arch, self.classes)
-        return {k: v for k, v in scores.items() if k != "curvature"} | {"params": cost.params, "macs": cost.macs}
+        return scores | {"params": cost.params, "macs": cost.macs}
+
+    def choose(self, records: list[dict]) -> int:
+        """The candidate to keep (`best_choice` with this config's scorer)."""
+        return best_choice(records, self.scorer)
 
     def step(self, arch: dict, stages: list[int]) -> dict:
         """One scaling step from `arch`: every candidate measured, the best one chosen."""
         cands = candidates(arch, stages, self.space.cfg.head_dim)
         for c in cands:
             c.update(self.measure(c["arch"]))
-        best = best_choice(cands)
+        best = self.choose(cands)
         if best < 0:
             raise UserError(f"every scaling candidate of {json.dumps(arch)} has an invalid NTK; "
                             "try other proxy settings (proxy.ntk_images, proxy.seed)")
         chosen = cands[best]
         return {"arch": chosen["arch"], "stages": chosen["stages"],
                 "choice": {"stage": chosen["stage"], "ratio": chosen["ratio"]},
-                **{k: chosen[k] for k in ("length_distortion", "ntk_condition", "valid", "params", "macs")},
+                **{k: chosen[k] for k in (*self.scorer.names, "valid", "params", "macs")},
                 "candidates": [{k: v for k, v in c.items() if k != "stages"} for c in cands]}
 
 
@@ -186,6 +192,15 @@ def arch_file(folder: Path, step: dict) -> Path:
     return folder / f"step{step['step']:03d}-{step['params'] / 1e6:.2f}M.json"
 
 
+def proxies_of(step: dict) -> dict:
+    """The proxy values a trajectory step holds (the configured ones)."""
+    return {k: step[k] for k in PROXIES if k in step and k not in ("params", "macs")}
+
+
+def _shown(step: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" if v is not None else f"{k} -" for k, v in proxies_of(step).items())
+
+
 def write_arch_files(traj: dict, folder: Path) -> None:
     """One file per step of `traj` (those not yet written): the architecture with its step,
     params, MACs and proxies (and As-ViT's genotype string), written atomically."""
@@ -193,7 +208,7 @@ def write_arch_files(traj: dict, folder: Path) -> None:
         path = arch_file(folder, step)
         if not path.is_file():
             record = {"arch": step["arch"], "step": step["step"], "params": step["params"], "macs": step["macs"],
-                      "length_distortion": step["length_distortion"], "ntk_condition": step["ntk_condition"]}
+                      **proxies_of(step)}
             if is_asvit_arch(step["arch"]):
                 record["genotype"] = to_genotype(step["arch"])
             write_json(record, path)
@@ -216,11 +231,12 @@ def check(cfg: Config) -> None:
                             "another output_dir or delete it to start over")
 
 
-def scale(cfg: Config, seed: dict, path: Path, images: Optional[torch.Tensor] = None) -> dict:
+def scale(cfg: Config, seed: dict, path: Path,
+          batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
     """Grow `seed` until `scale.param_limit`, continuing the trajectory in `path` (written after
     every step, with each step's architecture file in `path.parent / "archs"`); returns it."""
     limit = cfg.scale.param_limit
-    scaler = Scaler(cfg, images)
+    scaler = Scaler(cfg, batch)
     header = _header(cfg, seed)
     traj = json.loads(path.read_text()) if path.is_file() else None
     archs = path.parent / "archs"
@@ -239,9 +255,9 @@ def scale(cfg: Config, seed: dict, path: Path, images: Optional[torch.Tensor] = 
         traj["steps"].append(grown)
         write_json(traj, path)
         write_arch_files(traj, archs)
-        log.info("scale step %d: stage %d x%.2f -> params %d macs %d L^E %.4g kappa %.4g",
-                 grown["step"], grown["choice"]["stage"], grown["choice"]["ratio"], grown["params"],
-                 grown["macs"], grown["length_distortion"], grown["ntk_condition"])
+        log.info("scale step %d: stage %d x%.2f -> params %d macs %d %s", grown["step"],
+                 grown["choice"]["stage"], grown["choice"]["ratio"], grown["params"], grown["macs"],
+                 _shown(grown))
     return traj
 
 
@@ -254,15 +270,14 @@ def _scale_asvit(scaler: Scaler, header: dict, traj: Optional[dict], path: Path,
     if start is None:
         traj = dict(header, steps=[])
     write_arch_files(traj, archs)
-    for record in asvit_scaling.grow(header["seed_arch"], scaler.measure, best_choice, limit, start=start):
+    for record in asvit_scaling.grow(header["seed_arch"], scaler.measure, scaler.choose, limit, start=start):
         traj["steps"].append(record)
         write_json(traj, path)
         write_arch_files(traj, archs)
         if record["choice"] is not None:
-            log.info("scale step %d: stage %d x%.2f -> %s params %d macs %d L^E %.4g kappa %.4g",
+            log.info("scale step %d: stage %d x%.2f -> %s params %d macs %d %s",
                      record["step"], record["choice"]["stage"] + 1, record["choice"]["ratio"],
-                     to_genotype(record["arch"]), record["params"], record["macs"],
-                     record["length_distortion"], record["ntk_condition"])
+                     to_genotype(record["arch"]), record["params"], record["macs"], _shown(record))
     if traj["steps"][-1]["params"] < limit:
         raise UserError(f"every scaling candidate of {json.dumps(traj['steps'][-1]['arch'])} has an "
                         "invalid NTK; try other proxy settings (proxy.ntk_images, proxy.seed)")
@@ -287,12 +302,14 @@ def _depth(arch: dict) -> str:
 
 
 def _report(summary: dict) -> list[str]:
-    lines = [f"{'step':>4} {'depth':>9} {'embed':>5} {'params':>12} {'macs':>14} {'L^E':>10} {'kappa':>10}"]
+    names = list(proxies_of(summary["trajectory"][0]))
+    lines = [f"{'step':>4} {'depth':>9} {'embed':>5} {'params':>12} {'macs':>14} "
+             + " ".join(f"{n[:12]:>12}" for n in names)]
     for s in summary["trajectory"]:
         a = s["arch"]
+        values = " ".join(f"{s[n]:>12.4g}" if s.get(n) is not None else f"{'-':>12}" for n in names)
         lines.append(f"{s['step']:>4} {_depth(a):>9} {a['embed_dim']:>5} {s['params']:>12,} "
-                     f"{s['macs']:>14,} {s['length_distortion']:>10.4g} "
-                     f"{s['ntk_condition'] or float('nan'):>10.4g}")
+                     f"{s['macs']:>14,} {values}")
     return lines
 
 

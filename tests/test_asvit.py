@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from vitas.retrain.asvit_retokenize import (apply_stem_stage, build_stem_schedul
                                             stem_training_macs)
 from vitas.search.proxies.measures import proxy_output, proxy_scores
 from vitas.search.scaling import best_choice
+from vitas.search.scoring.proxy import ProxyScorer
 from vitas.supernet.asvit import AsViT, Reembed, Stem, WindowAttention, stage_grids, stage_widths
 from vitas.supernet.asvit_complexity import asvit_cost
 from vitas.supernet.asvit_scaling import RATIOS, candidates, grow, scaling_seed, width_unit
@@ -393,15 +395,16 @@ def test_grow_with_the_proxies_stops_at_the_parameter_limit():
 
     seed = scaling_seed(dict(parse_genotype(TABLE4["seed"][0]), num_heads=16), embed_dim=16)  # small: fast
     limit = int(sp.cost(seed, 10).params * 2.5)
-    steps = list(grow(seed, measure, best_choice, limit))
+    choose = partial(best_choice, scorer=ProxyScorer(load_config(ROOT / "yamls" / "asvit-digits.yaml")))
+    steps = list(grow(seed, measure, choose, limit))
     params = [s["params"] for s in steps]
     assert len(steps) >= 3 and params == sorted(set(params))  # strictly growing
     assert params[-2] < limit <= params[-1]
     for prev, step in zip(steps, steps[1:]):
-        assert step["arch"] == step["candidates"][best_choice(step["candidates"])]["arch"]
+        assert step["arch"] == step["candidates"][choose(step["candidates"])]["arch"]
         assert sum(s["depth"] for s in step["arch"]["stages"]) == sum(s["depth"] for s in prev["arch"]["stages"]) + 1
-    assert list(grow(seed, measure, best_choice, params[0])) == steps[:1]  # at the limit already
-    assert list(grow(seed, measure, best_choice, limit, start=steps[1])) == steps[2:]  # resumed
+    assert list(grow(seed, measure, choose, params[0])) == steps[:1]  # at the limit already
+    assert list(grow(seed, measure, choose, limit, start=steps[1])) == steps[2:]  # resumed
 
 
 # ------------------------------------------------------------------------------ proxies and export

@@ -251,14 +251,18 @@ def test_scaling_moves() -> None:
 
 
 def test_best_choice_rank_sum() -> None:
+    """Scaling keeps the best fitness of the configured scorer: by default As-ViT's rank sum."""
+    scorer = ProxyScorer(load_config(DEMO))
     recs = [{"length_distortion": 1.0, "ntk_condition": 5.0, "valid": True},
             {"length_distortion": 3.0, "ntk_condition": 50.0, "valid": True},
             {"length_distortion": 2.0, "ntk_condition": 4.0, "valid": True},
             {"length_distortion": 9.0, "ntk_condition": None, "valid": False}]
-    assert best_choice(recs) == 2  # rank sums 3+2, 1+3, 2+1
+    assert best_choice(recs, scorer) == 2  # rank sums 3+2, 1+3, 2+1
     tie = [dict(r, ntk_condition=k) for r, k in zip(recs[:3], (5.0, 6.0, 5.5))]
-    assert best_choice(tie) == 0  # sums 4, 4, 4: the first wins
-    assert best_choice([dict(r, valid=False) for r in recs]) == -1
+    assert best_choice(tie, scorer) == 0  # sums 4, 4, 4: the first wins
+    assert best_choice([dict(r, valid=False) for r in recs], scorer) == -1
+    weighted = ProxyScorer(load_config(DEMO, ["proxy.combine=weighted", "proxy.weights=[1,0]"]))
+    assert best_choice(recs, weighted) == 1  # L^E alone
 
 
 def test_scale_writes_trajectory_and_resumes(tmp_path, digits) -> None:

@@ -1,26 +1,34 @@
-"""`search.scorer: proxy`: As-ViT's training-free scores (length distortion up, NTK condition down).
+"""`search.scorer: proxy`: training-free scores (`search.proxies.zoo`), combined into a fitness.
 
-A flat ViT is scored as a subnet of a fresh superformer, re-initialised per seed
-(`search.proxies`); an As-ViT architecture (`space.kind: asvit`, which has no superformer) on its
-own freshly built `AsViT`, re-drawn whole per seed.
-Fitness over a set of records is `proxy.combine`: `rank_sum` (As-ViT Algorithm 2: rank by
-L^E descending plus rank by kappa ascending, weighted by `proxy.weights`, negated so that
-higher is better) or `weighted` (w1 log L^E - w2 log kappa). RL rewards the range-normalised
-deltas of L^E minus those of kappa, As-ViT Algorithm 1.
+`proxy.names` picks the proxies (As-ViT's L^E and NTK condition by default; any of the zoo,
+#params and MACs included). A flat ViT is scored as a subnet of a fresh superformer,
+re-initialised per seed; an As-ViT architecture (`space.kind: asvit`, no superformer) on its own
+freshly built model. Fitness over a set of records is `proxy.combine`:
+- `rank_sum` (As-ViT Algorithm 2): minus the weighted (`proxy.weights`, one per name) sum of each
+  proxy's rank, every proxy ranked in its better-direction;
+- `weighted`: the weighted sum of each proxy times its direction, on its log scale where it spans
+  decades (the As-ViT two-proxy case is w1 log L^E - w2 log kappa);
+- `ensemble`: a fitted or rank ensemble read from `proxy.ensemble`
+  (`search.proxies.ensemble`; its proxies are the ones computed).
+RL rewards the range-normalised deltas of every proxy in its direction (As-ViT Algorithm 1).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import math
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-import dataclasses
-
-from vitas.core.config import Config
+from vitas.core.config import Config, require_file
 from vitas.core.data import check_data_source, num_classes, split_settings, transform_settings
 from vitas.core.errors import UserError
-from vitas.search.proxies.measures import check_proxy_config, ntk_batch, proxy_scores_many, proxy_superformer
+from vitas.search.proxies import zoo
+from vitas.search.proxies.ensemble import Ensemble, transform_of
+from vitas.search.proxies.measures import check_proxy_config, proxy_batch, proxy_superformer
 from vitas.search.scoring.base import Scorer, rank_sum, valid_mask, worst_for_invalid
 from vitas.supernet.asvit_space import AsVitSpace
 from vitas.supernet.model import Superformer
@@ -32,32 +40,42 @@ HOW_KEYS = ("ntk_method",)
 
 
 class ProxyScorer(Scorer):
-    """Training-free scorer: `length_distortion` and `ntk_condition` of each architecture."""
+    """Training-free scorer of `proxy.names` (or an ensemble's proxies)."""
 
     name = "proxy"
-    fields = ("length_distortion", "ntk_condition")
-    reward_terms = [("length_distortion", 1.0), ("ntk_condition", -1.0)]
 
     def __init__(self, cfg: Config, device: Optional[torch.device | str] = None):
         super().__init__(space_from_config(cfg))
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.ensemble: Optional[Ensemble] = None
+        if cfg.proxy.combine == "ensemble" and cfg.proxy.ensemble and Path(cfg.proxy.ensemble).is_file():
+            self.ensemble = Ensemble.load(cfg.proxy.ensemble)
+        self.names = list(self.ensemble.names if self.ensemble else cfg.proxy.names)
+        self.fields = tuple(self.names)
+        self.reward_terms = [(n, float(zoo.PROXIES[n].better)) for n in self.names if n in zoo.PROXIES]
         self._model: Optional[Superformer] = None
-        self._images: Optional[torch.Tensor] = None
+        self._batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def check(self) -> None:
-        """Proxy options, their weights, and the data the NTK images come from."""
+        """Proxy names and options, their weights or ensemble, and the data of the proxy batch."""
         check_proxy_config(self.cfg.proxy)
-        if len(self.cfg.proxy.weights) != 2:
-            raise UserError(f"proxy.weights needs 2 weights (length_distortion, ntk_condition), "
-                            f"got {self.cfg.proxy.weights}")
+        zoo.check_names(self.names)
+        p = self.cfg.proxy
+        if p.combine == "ensemble":
+            require_file(p.ensemble or "", "proxy.ensemble")
+        elif len(p.weights) != len(self.names):
+            raise UserError(f"proxy.weights needs one weight per proxy of proxy.names {self.names}, "
+                            f"got {p.weights}")
         check_data_source(self.cfg.data, holdout=False)
 
     def settings(self) -> dict[str, Any]:
-        """Every proxy option that changes the numbers, and the images the NTK is computed on
-        (their split and transform)."""
+        """Every proxy option that changes the numbers (and the ensemble's content), and the
+        images the proxies are computed on (their split and transform)."""
         options = {f"proxy.{k}": v for k, v in dataclasses.asdict(self.cfg.proxy).items()
                    if k not in HOW_KEYS}
+        if self.cfg.proxy.combine == "ensemble":
+            options["proxy.ensemble.sha256"] = hashlib.sha256(Path(self.cfg.proxy.ensemble).read_bytes()).hexdigest()
         return {**options, **split_settings(self.cfg.data),
                 "transform": transform_settings(self.cfg.data, self.cfg.space.img_size, False)}
 
@@ -67,38 +85,50 @@ class ProxyScorer(Scorer):
         return isinstance(self.space, AsVitSpace)
 
     def setup(self) -> None:
-        """Read the NTK images and, for a flat space, build the superformer (idempotent)."""
-        if self._images is None:
-            self._images = ntk_batch(self.cfg, self.device)
+        """Read the proxy batch and, for a flat space, build the superformer (idempotent)."""
+        if self._batch is None:
+            self._batch = proxy_batch(self.cfg, self.device)
         if self._model is None and not self.hierarchical:
             self._model = proxy_superformer(self.cfg, self.device)
 
     def compute(self, archs: list[dict], curvature: bool = False) -> list[dict]:
-        """L^E, kappa and validity of each architecture, and its curvature when asked (search
-        never uses it; `vitas proxy` and the ranking study do)."""
+        """The proxies of each architecture and its validity; with `curvature`, As-ViT's three
+        (L^E, kappa, curvature) too (`vitas proxy` and the ranking study report them)."""
         self.setup()
-        if self.hierarchical:
-            records = [self._own_model_scores(arch, curvature) for arch in archs]
-        else:
-            records = proxy_scores_many(self._model, archs, self._images, self.cfg.proxy, curvature=curvature)
-        return [r if curvature else {k: v for k, v in r.items() if k != "curvature"} for r in records]
-
-    def _own_model_scores(self, arch: dict, curvature: bool) -> dict:
-        """Proxies of `arch` on its own freshly built model (every tensor re-drawn per init)."""
-        with torch.random.fork_rng(devices=[]):  # the constructor's init is re-drawn anyway
-            model = create_model(self.space, arch, num_classes(self.cfg.data)).to(self.device).eval()
-        return proxy_scores_many(model, [None], self._images, self.cfg.proxy, curvature=curvature)[0]
+        names = list(self.names)
+        if curvature:
+            names += [n for n in ("length_distortion", "ntk_condition", "curvature") if n not in names]
+        images, labels = self._batch
+        if not self.hierarchical:
+            return zoo.proxy_records(names, self._model, archs, images, self.cfg.proxy, labels)
+        classes = num_classes(self.cfg.data)
+        records = []
+        for arch in archs:
+            with torch.random.fork_rng(devices=[]):  # the constructor's init is re-drawn anyway
+                model = create_model(self.space, arch, classes).to(self.device).eval()
+            records.append(zoo.compute_proxies(names, model, None, images, self.cfg.proxy, labels))
+        return records
 
     def fitness(self, records: Sequence[dict]) -> np.ndarray:
-        """Higher is better over all `records`: negated weighted rank sum, or w1 log L^E - w2 log kappa."""
-        weights = self.cfg.proxy.weights
-        if self.cfg.proxy.combine == "rank_sum":
-            return rank_sum(records, self.reward_terms, weights)
-        ok = valid_mask(records)
-        values = np.zeros(len(records))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            for i in np.flatnonzero(ok):
-                r = records[i]
-                values[i] = weights[0] * np.log(r["length_distortion"]) - weights[1] * np.log(r["ntk_condition"])
-        finite = [dict(r, valid=bool(v and np.isfinite(x))) for r, v, x in zip(records, ok, values)]
-        return worst_for_invalid(np.nan_to_num(values), finite)
+        """Higher is better over all `records` (`proxy.combine`, see the module docstring)."""
+        p = self.cfg.proxy
+        if p.combine == "rank_sum":
+            return rank_sum(records, self.reward_terms, p.weights)
+        if p.combine == "ensemble":
+            values = self.ensemble.score(records)
+        else:
+            values = np.zeros(len(records))
+            for (name, sign), w in zip(self.reward_terms, p.weights):
+                log = transform_of(name) == "log"
+                values += [w * sign * (_log(r.get(name)) if log else _number(r.get(name))) for r in records]
+        ok = valid_mask(records) & np.isfinite(values)
+        finite = [dict(r, valid=bool(v)) for r, v in zip(records, ok)]
+        return worst_for_invalid(np.where(ok, values, 0.0), finite)
+
+
+def _number(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _log(v: Any) -> float:
+    return math.log(v) if v is not None and v > 0 else math.nan

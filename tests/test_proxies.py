@@ -295,3 +295,33 @@ def test_submit_scale_runs_the_stage_from_the_config(tmp_path, digits, capsys) -
     assert steps[0]["arch"] == seed and steps[-1]["params"] >= 8000 > steps[-2]["params"]
     assert cli_main(["scale", *common]) == 2
     assert "scale.seed_arch is not set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("combine", ["weighted", "ensemble", "rank_sum"])
+def test_search_with_any_proxies_and_an_ensemble(tmp_path, digits, combine) -> None:
+    """`search.scorer=proxy` with proxies and weights chosen in config, or an ensemble file:
+    every chosen proxy is computed and the choice has the best fitness of the archive."""
+    from vitas.search.proxies.ensemble import rank_ensemble
+
+    names = ["length_distortion", "snip", "params"]
+    extra = [f"proxy.names={json.dumps(names)}", "proxy.weights=[1.0, 0.5, 0.25]",
+             f"proxy.combine={combine}", "proxy.zico_batches=2"]
+    if combine == "ensemble":
+        path = rank_ensemble(["synflow", "macs"], [1.0, 1.0]).save(tmp_path / "ens.json")
+        extra.append(f"proxy.ensemble={path}")
+    cfg = scorer_cfg(tmp_path, digits, "search.scorer=proxy", "search.population=4",
+                     "search.generations=1", *extra)
+    summary = execute(runner.STAGE, cfg)
+    expect = ["synflow", "macs"] if combine == "ensemble" else names
+    costs = {"params", "macs"}  # the architecture's own cost fields, beside the scores
+    assert set(expect) - costs <= set(summary["scores"]) and summary["scores"]["valid"]
+    result = json.loads((tmp_path / "search" / "result.json").read_text())
+    scored = [r for r in result["evaluated"] if r["feasible"]]
+    assert summary["fitness"] == max(r["fitness"] for r in scored)
+
+
+def test_an_ensemble_scorer_without_its_file_is_one_line(tmp_path, digits, capsys) -> None:
+    code = cli_main(["search", "-c", str(DEMO), f"output_dir={tmp_path / 'run'}", f"data.root={digits}",
+                     "search.scorer=proxy", "proxy.combine=ensemble", f"proxy.ensemble={tmp_path / 'no.json'}"])
+    assert code == 2 and "proxy.ensemble: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

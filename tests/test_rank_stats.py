@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import kendalltau
+from scipy.stats import kendalltau, spearmanr
 
 from vitas.search.ranking import stats
 
@@ -15,6 +15,18 @@ def noisy(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     target = rng.normal(size=n)
     return target + rng.normal(size=n), target
+
+
+@pytest.mark.parametrize("method", ["kendall", "spearman"])
+def test_resampled_correlations_equal_scipy_with_ties(method: str) -> None:
+    """The all-resamples-at-once correlations equal scipy's tau-b and rho on each resample."""
+    rng = np.random.default_rng(5)
+    x, y = rng.integers(0, 6, size=30).astype(float), rng.normal(size=30).round(1)
+    idx = rng.integers(0, 30, size=(40, 30))
+    got = stats.Correlation(x, y, method)(idx)
+    ref = kendalltau if method == "kendall" else spearmanr
+    assert got == pytest.approx([ref(x[i], y[i]).statistic for i in idx], abs=1e-12)
+    assert np.isnan(stats.Correlation(np.ones(30), y, method)(idx[:2])).all()  # constant: no correlation
 
 
 @pytest.mark.parametrize("method", ["kendall", "spearman"])

@@ -387,23 +387,31 @@ def main() -> int:
     for n in names[1:]:
         for score in proxies + ["params", "macs"]:
             result["variants"][n]["rank"]["results"]["trained_top1"].setdefault(score, shared[score])
+    publish(result, study, start, args, done="ranking")  # what there is so far, in case of a stop
 
     gt_rows = json.loads(table.read_text())
     budget = study.timed("end to end", _end_to_end, study, names, runs, gt_rows, args)
     result["budget"] = budget
     for n in names:
         result["variants"][n]["end_to_end"] = budget["variants"].get(n, {})
+    publish(result, study, start, args, done="end to end")
     if DEFAULT in names:
         result["stability"] = study.timed("stability", _stability, study, runs[DEFAULT], table)
+    publish(result, study, start, args, done="all")
+    print(table_markdown(result))
+    print(result["summary_text"])
+    print("time spent: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))
+    return 0
+
+
+def publish(result: dict, study: Study, start: float, args: Any, done: str) -> None:
+    """Write the results so far (JSON and the doc's table), marking how far the study got."""
+    result["completed"] = done
     result["seconds"] = {**{k: round(v, 1) for k, v in study.times.items()}, "total": round(time.time() - start, 1)}
     result["summary_text"] = summarise(result)
     _write(args.out, result)
     if not args.no_doc:
         write_doc(result, args.doc)
-    print(table_markdown(result))
-    print(result["summary_text"])
-    print("time spent: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))
-    return 0
 
 
 def _end_to_end(study: Study, names: list[str], runs: dict[str, Path], gt_rows: list[dict], args: Any) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -137,13 +137,12 @@ def compute_proxies(names: Sequence[str], model: nn.Module, arch: Optional[dict]
 
 
 def proxy_records(names: Sequence[str], model: nn.Module, archs: Sequence[Optional[dict]], images: torch.Tensor,
-                  cfg: ProxyConfig, labels: Optional[torch.Tensor] = None,
-                  done: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
-    """`compute_proxies` of each arch (`done(i, record)` is called after each, e.g. to cache it)."""
+                  cfg: ProxyConfig, labels: Optional[torch.Tensor] = None) -> list[dict]:
+    """`compute_proxies` of each arch, in order."""
     check(names, images, cfg, labels)
     per_init = {n for n in names if PROXIES[n].per_init}
     records = []
-    for i, arch in enumerate(archs):
+    for arch in archs:
         values: dict[str, list[Optional[float]]] = {n: [] for n in per_init}
         for k in range(cfg.inits if per_init else 0):
             net = measures.initialised(model, arch, cfg.seed + k)
@@ -158,6 +157,4 @@ def proxy_records(names: Sequence[str], model: nn.Module, archs: Sequence[Option
         rec = {n: _finite(rec[n]) for n in names}
         rec["valid"] = all(v is not None for v in rec.values())
         records.append(rec)
-        if done is not None:
-            done(i, rec)
     return records

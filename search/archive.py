@@ -9,7 +9,8 @@ so an expensive scorer only ever sees feasible candidates; they are kept in the 
 `feasible: False`.
 
 A candidate for the choice whose predicted latency lies within the model's error margin of a
-latency limit is re-measured (`latency_measured_ms`, set by `Archive.set_measured`); one measured
+latency limit is re-measured (`latency_measured_ms` and `latency_shift`, set by
+`Archive.set_measured`); one measured
 past the limit is never chosen, nor reported in the top-k or the Pareto front (`choosable`). It
 keeps its place in the fitness ranking, so the search's path does not depend on measurements.
 """
@@ -194,9 +195,10 @@ class Archive:
         return (self.latency is not None and record["feasible"] and "latency_measured_ms" not in record
                 and self.budget.near_latency_limit(record[LATENCY], self.latency.margin))
 
-    def set_measured(self, key: str, latency_ms: float) -> None:
-        """Record a re-measured latency (ms) of the architecture `key` (part of the state)."""
-        self.records[self._index[key]]["latency_measured_ms"] = float(latency_ms)
+    def set_measured(self, key: str, latency_ms: float, shift: float) -> None:
+        """Record a re-measured latency (ms, on the latency model's scale) of the architecture `key`
+        and the shift applied to it (`LatencyModel.remeasure`); part of the state."""
+        self.records[self._index[key]].update(latency_measured_ms=float(latency_ms), latency_shift=float(shift))
 
     def fitness(self, keys: Optional[Iterable[str]] = None) -> np.ndarray:
         """Scorer fitness over the whole archive (relative scorers re-rank it every call), for
@@ -240,6 +242,6 @@ class Archive:
         for r in records:
             self._index[r["key"]] = len(self.records)
             self.records.append(dict(r))
-        skip = {"key", "arch", *COSTS, "latency_measured_ms", "feasible", "found"}
+        skip = {"key", "arch", *COSTS, "latency_measured_ms", "latency_shift", "feasible", "found"}
         self.scorer.preload({r["key"]: {k: v for k, v in r.items() if k not in skip}
                              for r in self.records if r["feasible"]})

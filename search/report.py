@@ -15,7 +15,8 @@ import yaml
 from vitas.core.checkpoint import atomic_write, write_json
 from vitas.core.config import Config
 
-RECORD_KEYS = ("key", "arch", "macs", "params", "latency_ms", "latency_measured_ms", "feasible", "found", "fitness")
+RECORD_KEYS = ("key", "arch", "macs", "params", "latency_ms", "latency_measured_ms", "latency_shift", "feasible",
+               "found", "fitness")
 AXIS_LABELS = {"macs": "MACs", "params": "params", "latency_ms": "predicted latency (ms per batch)"}
 
 
@@ -31,8 +32,8 @@ def json_safe(obj: Any) -> Any:
 
 
 def entry(record: dict) -> dict:
-    """A result.json entry: arch, cost (with `latency_ms`, and `latency_measured_ms` when
-    re-measured), feasibility, origin, fitness and the scorer's `scores`."""
+    """A result.json entry: arch, cost (with `latency_ms`, and `latency_measured_ms` and
+    `latency_shift` when re-measured), feasibility, origin, fitness and the scorer's `scores`."""
     out = {k: record[k] for k in RECORD_KEYS if k in record and k != "key"}
     out["scores"] = {k: v for k, v in record.items() if k not in RECORD_KEYS}
     return out

@@ -193,9 +193,10 @@ def _save(algo: SearchAlgorithm, sig: dict, path: Path) -> None:
 
 def remeasure_choice(algo: SearchAlgorithm) -> Optional[str]:
     """While the algorithm's choice is feasible by predicted latency but within the latency
-    model's margin of a limit, re-measure it (rank 0's number everywhere) and record it; one
-    measured past the limit is no longer choosable, so the next choice is examined. Returns why
-    re-measuring was skipped (the model was built on another machine), else None."""
+    model's margin of a limit, re-measure it on the build's scale (`LatencyModel.remeasure`, rank
+    0's number everywhere) and record it; one measured past the limit is no longer choosable, so
+    the next choice is examined. Returns why re-measuring was skipped (the model was built on
+    another machine), else None."""
     archive = algo.archive
     while archive.latency is not None:
         chosen, _ = algo.choose()
@@ -207,11 +208,12 @@ def remeasure_choice(algo: SearchAlgorithm) -> Optional[str]:
                         "model's margin (%.1f%%) of a limit, but it cannot be re-measured here (%s); "
                         "it is chosen on its prediction", chosen[LATENCY], 100 * archive.latency.margin, difference)
             return difference
-        measured = dist.broadcast_object(archive.latency.measure(chosen["arch"]).median_ms if dist.is_main() else None)
-        archive.set_measured(chosen["key"], measured)
-        log.info("search: re-measured a candidate near the latency limit %s: predicted %.4g ms, measured %.4g ms%s",
-                 list(archive.budget.latency_ms), chosen[LATENCY], measured,
-                 "" if archive.choosable(archive.get(chosen["key"])) else " (past the limit: not chosen)")
+        again = dist.broadcast_object(archive.latency.remeasure(chosen["arch"]) if dist.is_main() else None)
+        archive.set_measured(chosen["key"], again.median_ms, again.shift)
+        log.info("search: re-measured a candidate near the latency limit %s: predicted %.4g ms, measured %.4g ms "
+                 "(%.4g ms now x %.3g, the shift of %d reference architectures since the build)%s",
+                 list(archive.budget.latency_ms), chosen[LATENCY], again.median_ms, again.raw_ms, again.shift,
+                 again.references, "" if archive.choosable(archive.get(chosen["key"])) else " (past the limit: not chosen)")
     return None
 
 
@@ -221,7 +223,7 @@ def latency_report(archive: Archive, path: Path, skipped: Optional[str]) -> dict
     return {"path": str(path.resolve()), "margin": archive.latency.margin, **archive.latency.describe(),
             "remeasure_skipped": skipped,
             "remeasured": [{"arch": r["arch"], LATENCY: r[LATENCY], "latency_measured_ms": r["latency_measured_ms"],
-                            "within_limits": archive.choosable(r)}
+                            "latency_shift": r["latency_shift"], "within_limits": archive.choosable(r)}
                            for r in archive.records if "latency_measured_ms" in r]}
 
 

@@ -95,6 +95,17 @@ def test_built_model_holds_its_measurements_and_a_rerun_reuses_them(built) -> No
     assert len(again_here.samples_ms) == 3 * FAST.rounds and again_here.median_ms > 0
 
 
+def test_remeasure_puts_a_new_timing_on_the_builds_scale(built) -> None:
+    """The shift is the median over the reference samples of recorded / current median; the
+    re-measured value is the raw timing times it."""
+    model, _, _ = built
+    arch = tiny_space().max_arch()
+    again = model.remeasure(arch, references=2)
+    assert again.references == 2 and again.raw_ms > 0 and again.shift > 0
+    assert again.median_ms == pytest.approx(again.raw_ms * again.shift)
+    assert model.remeasure(arch, references=99).references == len(model.samples)  # at most every sample
+
+
 def test_spread_archs_are_distinct_and_span_the_macs_range() -> None:
     space = SearchSpace(load_config(DEMO).space)
     first = spread_archs(space, 10, 12, seed=0)
@@ -139,6 +150,8 @@ def test_model_from_another_machine_warns_and_refuses_to_remeasure(built, tmp_pa
     assert model.predict(arch) > 0
     with pytest.raises(UserError, match="cannot re-measure"):
         model.measure(arch)
+    with pytest.raises(UserError, match="cannot re-measure"):
+        model.remeasure(arch)
 
 
 @pytest.mark.parametrize("content, needle", [

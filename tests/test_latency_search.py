@@ -90,8 +90,10 @@ def variant(source: Path, path: Path, scale: float = 1.0, margin_pct: float | No
             machine: str | None = None) -> Path:
     """A copy of a latency model whose predictions are `scale` times the calibrated ones, whose
     margin (the p90 hold-out error) is `margin_pct` percent, or that says it was measured on
-    another `machine`."""
+    another `machine`; it re-measures with the fewest timed calls (predictions a factor 4 off are
+    what the tests tell apart)."""
     data = json.loads(source.read_text())
+    data["setting"].update(warmup=0, repeats=2, rounds=1)
     data["calibration"] = {k: scale * v for k, v in data["calibration"].items()}
     if margin_pct is not None:
         data["holdout"] = {"median_ape": margin_pct, "p90_ape": margin_pct, "max_ape": margin_pct, "archs": 4}
@@ -193,10 +195,10 @@ def test_latency_as_the_axis_without_a_bound_records_latency(tmp_path: Path, mea
 
 # ---------------------------------------------------------------- re-measuring near a limit
 def test_choice_measured_past_the_limit_is_not_chosen(tmp_path: Path, measured: Path) -> None:
-    """A model predicting a fifth of the real latency with a 30% margin: every candidate predicted
-    within 30% of the limit measures far past it and gives way; the choice lies outside the
+    """A model predicting a fifth of the real latency with a 15% margin: every candidate predicted
+    within 15% of the limit measures far past it and gives way; the choice lies outside the
     margin. A second run in the same folder reuses the measurements: the same result."""
-    low = variant(measured, tmp_path / "low.json", scale=0.2, margin_pct=30.0)
+    low = variant(measured, tmp_path / "low.json", scale=0.2, margin_pct=15.0)
     _, hi = between(low, 0.0, 0.5)
     cfg = demo_cfg(tmp_path / "run", low, "search.population=10", "search.generations=3", f"search.latency_max={hi}")
     space = space_from_config(cfg)
@@ -204,10 +206,11 @@ def test_choice_measured_past_the_limit_is_not_chosen(tmp_path: Path, measured: 
     checks = result["latency_model"]["remeasured"]
     assert checks and not any(c["within_limits"] for c in checks)
     for c in checks:
-        assert hi <= c["latency_ms"] * 1.3 and c["latency_measured_ms"] > hi  # near by prediction, past by measurement
+        assert hi <= c["latency_ms"] * 1.15 and c["latency_measured_ms"] > hi  # near by prediction, past by measurement
+        assert c["latency_shift"] > 0
     refused = {json.dumps(c["arch"]) for c in checks}
     chosen = result["chosen"]
-    assert "latency_measured_ms" not in chosen and chosen["latency_ms"] * 1.3 < hi
+    assert "latency_measured_ms" not in chosen and chosen["latency_ms"] * 1.15 < hi
     for r in [chosen, *result["top_k"], *result["pareto_front"]]:
         assert json.dumps(r["arch"]) not in refused
     best = max((r for r in result["evaluated"] if "fitness" in r), key=lambda r: r["fitness"])

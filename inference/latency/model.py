@@ -28,7 +28,8 @@ from scipy.optimize import nnls
 from vitas.core.checkpoint import write_json
 from vitas.core.config import Config, SpaceConfig, config_from_dict
 from vitas.core.errors import UserError
-from vitas.inference.latency.measure import LatencySetting, Timing, describe_machine, measure_arch
+from vitas.inference.latency.measure import (LatencySetting, Timing, arch_factory, describe_machine, measure_arch,
+                                             measure_modules)
 from vitas.inference.latency.parts import FEATURES, arch_features, arch_parts, space_parts
 from vitas.supernet.space import SearchSpace
 
@@ -82,6 +83,17 @@ def fit_regression(features: np.ndarray, measured_ms: Sequence[float]) -> dict[s
     norm[norm == 0] = 1.0
     coef, _ = nnls(X / norm / y[:, None], np.ones_like(y))
     return {k: float(c / n) for k, c, n in zip(FEATURES, coef, norm)}
+
+
+@dataclass(frozen=True)
+class Remeasured:
+    """A re-measured latency on the build's scale: `raw_ms` (here, now) times `shift` (reference
+    samples' recorded over current medians), from `references` reference architectures."""
+
+    median_ms: float
+    raw_ms: float
+    shift: float
+    references: int
 
 
 @dataclass
@@ -160,11 +172,31 @@ class LatencyModel:
     def measure(self, arch: dict, repeats: Optional[int] = None) -> Timing:
         """Re-measure a canonical `arch` here under the model's setting (e.g. a candidate whose
         prediction is within `margin` of a limit). Refused on another machine."""
+        self._check_here()
+        setting = dict(self.setting, repeats=repeats or self.setting["repeats"])
+        return measure_arch(arch, self.search_space(), self.num_classes, LatencySetting(**setting))
+
+    def remeasure(self, arch: dict, references: int = 6) -> "Remeasured":
+        """Re-measure a canonical `arch` here on the scale of the build: timed in the same rounds
+        as `references` of the end-to-end samples the model was fitted to (those recorded nearest
+        its prediction), whose recorded medians over their medians now give the shift between the
+        build and now (load from other processes, cache state). On a shared machine the latency of
+        one model can move by 2x within minutes; the shift cancels what moves all models alike.
+        Refused on another machine."""
+        self._check_here()
+        predicted = self.predict(arch)
+        refs = sorted(self.samples, key=lambda s: abs(s["median_ms"] - predicted))[:max(1, references)]
+        space, batch = self.search_space(), self.setting["batch_size"]
+        timings = measure_modules([arch_factory(a, space, self.num_classes, batch)
+                                   for a in [arch, *(r["arch"] for r in refs)]], LatencySetting(**self.setting))
+        shift = float(np.median([r["median_ms"] / t.median_ms for r, t in zip(refs, timings[1:])]))
+        return Remeasured(median_ms=timings[0].median_ms * shift, raw_ms=timings[0].median_ms, shift=shift,
+                          references=len(refs))
+
+    def _check_here(self) -> None:
         difference = self.machine_difference()
         if difference is not None:
             raise UserError(f"cannot re-measure for this latency model here: {difference}")
-        setting = dict(self.setting, repeats=repeats or self.setting["repeats"])
-        return measure_arch(arch, self.search_space(), self.num_classes, LatencySetting(**setting))
 
     # ------------------------------------------------------------------ checking
     def check(self, setting: Optional[LatencySetting] = None, space: Optional[SearchSpace] = None,

@@ -90,12 +90,11 @@ class Budget:
         """Whether the cost lies in every range."""
         return bool(np.all(self.violations(cost) <= 0))
 
-    def near_latency_limit(self, latency_ms: float, margin: float) -> bool:
-        """Whether a latency limit lies inside `latency_ms * (1 +- margin)`: a prediction that far
-        off (the model's 90th-percentile error) would put the architecture on the other side."""
-        lo, hi = self.latency_ms
-        return ((hi is not None and latency_ms * (1 - margin) <= hi <= latency_ms * (1 + margin))
-                or (lo is not None and latency_ms * (1 - margin) <= lo <= latency_ms * (1 + margin)))
+    def near_latency_limit(self, latency_ms: float, margin: float) -> Optional[float]:
+        """The latency limit that lies inside `latency_ms * (1 +- margin)`, else None: a prediction
+        that far off (the model's 90th-percentile error) would put the architecture on its other side."""
+        return next((limit for limit in self.latency_ms
+                     if limit is not None and latency_ms * (1 - margin) <= limit <= latency_ms * (1 + margin)), None)
 
 
 class Archive:
@@ -189,11 +188,12 @@ class Archive:
         measured = record.get("latency_measured_ms")
         return self.scored(record) and (measured is None or self.budget.feasible({**record, LATENCY: measured}))
 
-    def needs_measuring(self, record: dict) -> bool:
-        """A feasible record not yet re-measured whose predicted latency is within the latency
-        model's margin of a limit (`Budget.near_latency_limit`)."""
-        return (self.latency is not None and record["feasible"] and "latency_measured_ms" not in record
-                and self.budget.near_latency_limit(record[LATENCY], self.latency.margin))
+    def limit_to_check(self, record: dict) -> Optional[float]:
+        """For a feasible record not yet re-measured, the latency limit its prediction lies within
+        the latency model's margin of (`Budget.near_latency_limit`), else None."""
+        if self.latency is None or not record["feasible"] or "latency_measured_ms" in record:
+            return None
+        return self.budget.near_latency_limit(record[LATENCY], self.latency.margin)
 
     def set_measured(self, key: str, latency_ms: float, shift: float) -> None:
         """Record a re-measured latency (ms, on the latency model's scale) of the architecture `key`

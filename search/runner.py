@@ -200,7 +200,8 @@ def remeasure_choice(algo: SearchAlgorithm) -> Optional[str]:
     archive = algo.archive
     while archive.latency is not None:
         chosen, _ = algo.choose()
-        if chosen is None or not archive.needs_measuring(chosen):
+        limit = None if chosen is None else archive.limit_to_check(chosen)
+        if limit is None:
             return None
         difference = archive.latency.machine_difference()
         if difference is not None:
@@ -208,11 +209,11 @@ def remeasure_choice(algo: SearchAlgorithm) -> Optional[str]:
                         "model's margin (%.1f%%) of a limit, but it cannot be re-measured here (%s); "
                         "it is chosen on its prediction", chosen[LATENCY], 100 * archive.latency.margin, difference)
             return difference
-        again = dist.broadcast_object(archive.latency.remeasure(chosen["arch"]) if dist.is_main() else None)
+        again = dist.broadcast_object(archive.latency.remeasure(chosen["arch"], near_ms=limit) if dist.is_main() else None)
         archive.set_measured(chosen["key"], again.median_ms, again.shift)
-        log.info("search: re-measured a candidate near the latency limit %s: predicted %.4g ms, measured %.4g ms "
+        log.info("search: re-measured a candidate near the latency limit %.4g ms: predicted %.4g ms, measured %.4g ms "
                  "(%.4g ms now x %.3g, the shift of %d reference architectures since the build)%s",
-                 list(archive.budget.latency_ms), chosen[LATENCY], again.median_ms, again.raw_ms, again.shift,
+                 limit, chosen[LATENCY], again.median_ms, again.raw_ms, again.shift,
                  again.references, "" if archive.choosable(archive.get(chosen["key"])) else " (past the limit: not chosen)")
     return None
 

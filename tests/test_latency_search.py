@@ -384,5 +384,5 @@ def test_budget_constraints_are_relative_to_the_bound() -> None:
     budget = Budget(macs=(0, 2_000_000), latency_ms=(0.5, 0.8))
     g = budget.violations({"macs": 1_000_000, "params": 1, "latency_ms": 0.88})
     assert g == pytest.approx([-1_000_000, -0.5, -0.76, 0.1])  # (min - c) / |min| (0: / 1), (c - max) / |max|
-    assert budget.near_latency_limit(0.75, margin=0.1) and not budget.near_latency_limit(0.65, margin=0.1)
-    assert budget.near_latency_limit(0.52, margin=0.1) and budget.uses_latency and not Budget().uses_latency
+    assert budget.near_latency_limit(0.75, margin=0.1) == 0.8 and budget.near_latency_limit(0.65, margin=0.1) is None
+    assert budget.near_latency_limit(0.52, margin=0.1) == 0.5 and budget.uses_latency and not Budget().uses_latency

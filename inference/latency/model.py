@@ -176,16 +176,17 @@ class LatencyModel:
         setting = dict(self.setting, repeats=repeats or self.setting["repeats"])
         return measure_arch(arch, self.search_space(), self.num_classes, LatencySetting(**setting))
 
-    def remeasure(self, arch: dict, references: int = 6) -> "Remeasured":
+    def remeasure(self, arch: dict, references: int = 8, near_ms: Optional[float] = None) -> "Remeasured":
         """Re-measure a canonical `arch` here on the scale of the build: timed in the same rounds
         as `references` of the end-to-end samples the model was fitted to (those recorded nearest
-        its prediction), whose recorded medians over their medians now give the shift between the
-        build and now (load from other processes, cache state). On a shared machine the latency of
-        one model can move by 2x within minutes; the shift cancels what moves all models alike.
+        `near_ms`, default its prediction; give a latency limit to check several candidates against
+        one reference set), whose recorded medians over their medians now give the shift between
+        the build and now (load from other processes, cache state). On a shared machine the latency
+        of one model can move by 2x within minutes; the shift cancels what moves all models alike.
         Refused on another machine."""
         self._check_here()
-        predicted = self.predict(arch)
-        refs = sorted(self.samples, key=lambda s: abs(s["median_ms"] - predicted))[:max(1, references)]
+        near_ms = self.predict(arch) if near_ms is None else near_ms
+        refs = sorted(self.samples, key=lambda s: abs(s["median_ms"] - near_ms))[:max(1, references)]
         space, batch = self.search_space(), self.setting["batch_size"]
         timings = measure_modules([arch_factory(a, space, self.num_classes, batch)
                                    for a in [arch, *(r["arch"] for r in refs)]], LatencySetting(**self.setting))

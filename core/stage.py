@@ -18,7 +18,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from vitas.core import dist
 from vitas.core.checkpoint import atomic_write, write_json

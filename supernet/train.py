@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
-from vitas.core import dist
 from vitas.core.checkpoint import load_checkpoint
 from vitas.core.config import Config, require_file
 from vitas.core.data import (build_splits, check_data_source, check_mixup_batch, create_loader,

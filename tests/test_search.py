@@ -21,7 +21,6 @@ from vitas.core.errors import UserError
 from vitas.core.stage import execute
 from vitas.search import runner
 from vitas.search.algorithms.evolution import Evolution, EvolutionSettings
-from vitas.search.algorithms.random import RandomSearch, RandomSettings
 from vitas.search.algorithms.rl import Reinforce, ReinforceSettings
 from vitas.search.archive import Archive, Budget
 from vitas.search.scoring.accuracy import AccuracyScorer, holdout_batches, inherited_accuracy, sides

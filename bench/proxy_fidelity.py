@@ -5,6 +5,7 @@ Two steps, both resumable:
 
     nice -n 10 nohup python bench/proxy_fidelity.py compute --variant scratch > scratch.log &
     nice -n 10 nohup python bench/proxy_fidelity.py compute --variant super > super.log &
+    python bench/proxy_fidelity.py heads     # optional: is the ranking the same with a 100-way head?
     python bench/proxy_fidelity.py report
 
 `compute` scores each architecture with every proxy of `search.proxies.zoo` but curvature (see
@@ -139,6 +140,24 @@ def compute(variant: str, cache: Path, digits: Path) -> dict:
     return done
 
 
+def head_check(results: Path, digits: Path, archs: int = 20) -> dict:
+    """The head-dependent proxies (a loss or the logits in them) of the first `archs` scratch
+    architectures at init 0 with CIFAR-100's 100-way head instead of the digits' 10-way one, and
+    their Kendall tau with the 10-way values of the cache: does the head's width change the ranking?"""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    rows = json.loads(DATA.read_text())[:archs]
+    cache = json.loads((results / "proxy_fidelity_values_scratch.json").read_text())["values"]
+    cfg, images, labels, _ = setup(digits)
+    one = dataclasses.replace(cfg.proxy, inits=1)
+    names = ("snip", "zico", "synflow")
+    wide = [compute_proxies(names, scratch_model(r["arch"], 100), None, images, one, labels) for r in rows]
+    out = {"archs": archs, "head": 100, "kendall_with_10_way": {
+        n: stats.estimate([w[n] for w in wide], [cache[str(i)][0][n] for i in range(archs)]) for n in names}}
+    write_json(out, results / "proxy_fidelity_heads.json")
+    log.info("head check: %s", out)
+    return out
+
+
 def mean_record(inits: list[dict], count: int) -> dict:
     """The proxies averaged over the first `count` inits (None when any is None: never averaged in)."""
     rec = {n: finite_mean([r[n] for r in inits[:count]]) for n in STUDY_NAMES}
@@ -230,6 +249,8 @@ def report(results: Path) -> dict:
             entry["scores"][name] = f
         out["targets"][target] = entry
         log.info("report: %s done", target)
+    heads = results / "proxy_fidelity_heads.json"
+    out["head_check"] = json.loads(heads.read_text()) if heads.is_file() else None
     out["summary"] = summary(out["targets"])
     write_json(out, results / "proxy_fidelity.json")
     print(table(out))
@@ -276,7 +297,7 @@ def table(out: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["compute", "report"])
+    parser.add_argument("step", choices=["compute", "report", "heads"])
     parser.add_argument("--variant", choices=["scratch", "super"], help="compute: the architectures to score")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the caches and the report")
     parser.add_argument("--digits", type=Path, default=Path(os.environ.get("VITAS_DIGITS", "/tmp/vitas-digits")))
@@ -286,6 +307,8 @@ def main() -> None:
         if args.variant is None:
             parser.error("compute needs --variant")
         compute(args.variant, args.results / f"proxy_fidelity_values_{args.variant}.json", args.digits)
+    elif args.step == "heads":
+        head_check(args.results, args.digits)
     else:
         report(args.results)
 

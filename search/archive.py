@@ -10,9 +10,9 @@ so an expensive scorer only ever sees feasible candidates; they are kept in the 
 
 A candidate for the choice whose predicted latency lies within the model's error margin of a
 latency limit is re-measured (`latency_measured_ms` and `latency_shift`, set by
-`Archive.set_measured`); one measured
-past the limit is never chosen, nor reported in the top-k or the Pareto front (`choosable`). It
-keeps its place in the fitness ranking, so the search's path does not depend on measurements.
+`Archive.set_measured`); one measured past the limit is never chosen, nor reported in the top-k
+or the Pareto front (`choosable`). It keeps its place in the fitness ranking, so the search's path
+does not depend on measurements.
 """
 from __future__ import annotations
 

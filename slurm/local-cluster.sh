@@ -11,7 +11,8 @@
 # proctrack/linuxproc, task/none, select/cons_tres with CR_CPU, JobRequeue=1, no accounting),
 # starts munged as user munge and slurmctld/slurmd as root (daemon mode), then waits until the node
 # is idle and `srun hostname` works. When the daemons already run with the same slurm.conf it only
-# checks them; with another one it rewrites it and restarts them. `sacct` errors (no accounting storage) are expected and harmless: submitit falls
+# checks them; with another one it rewrites it and restarts them. A fresh start of slurmctld
+# clears the job records of earlier runs (after a reboot they would hold the node forever). `sacct` errors (no accounting storage) are expected and harmless: submitit falls
 # back to squeue/scontrol. Environment: SLURM_PARTITION (default debug), SLURM_START_TIMEOUT (60 s).
 set -euo pipefail
 
@@ -107,7 +108,15 @@ PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# True when the pid file names a live process; a zombie (this VM's init may not reap) is dead.
+pid_alive() {
+    [ -s "$1" ] || return 1
+    local pid state
+    pid=$(cat "$1")
+    kill -0 "$pid" 2>/dev/null || return 1
+    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)
+    [ -n "$state" ] && [ "$state" != Z ]
+}
 
 pkill_pidfile() {
     local pidfile=$1 pid
@@ -162,8 +171,10 @@ start() {
         pkill_pidfile "$RUN_DIR/slurmctld.pid"
     fi
     if ! pid_alive "$RUN_DIR/slurmctld.pid"; then
-        log "starting slurmctld"
-        slurmctld -i
+        # A fresh start forgets the jobs of an earlier life (-c): their processes died with the
+        # daemons (or the machine), yet recovered records would hold the node as allocated.
+        log "starting slurmctld (clearing job state of earlier runs)"
+        slurmctld -c -i
     fi
     if ! pid_alive "$RUN_DIR/slurmd.pid"; then
         log "starting slurmd"

@@ -54,6 +54,10 @@ def check(cfg: Config) -> None:
     if sec.sampling == "bcnet" and not cfg.space.channels.bilateral:
         raise UserError("supernet.sampling=bcnet needs a bilateral channel policy in space.channels "
                         "(embed, attn or mlp): without one the right pass repeats the left")
+    if sec.grad_projection and not (sec.sampling == "sandwich" or sec.distill):
+        raise UserError(f"supernet.grad_projection projects onto the max subnet's gradient, which "
+                        f"supernet.sampling={sec.sampling} without supernet.distill never computes: "
+                        f"use sampling=sandwich or distill=true")
     if sec.max_warmup_epochs >= sec.epochs:
         raise UserError(f"supernet.max_warmup_epochs={sec.max_warmup_epochs} leaves no epoch for the "
                         f"other subnets (supernet.epochs={sec.epochs})")

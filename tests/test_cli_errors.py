@@ -18,6 +18,9 @@ CASES = {  # name: (arguments after `vitas`, text the error must contain); {data
     "train-supernet, missing data": (["train-supernet", "data.root=/no/such/dir"], "data.root"),
     "train-supernet, bad sampling": (["train-supernet", "data.root={data}", "supernet.sampling=x"],
                                      "supernet.sampling"),
+    "train-supernet, projection without a max pass": (
+        ["train-supernet", "data.root={data}", "supernet.grad_projection=true", "supernet.sampling=uniform"],
+        "supernet.grad_projection"),
     "search, no superformer": (["search", "data.root={data}"], "checkpoint not found"),
     "search, infeasible budget": (["search", "data.root={data}", "search.scorer=proxy",
                                    "search.macs_min=5", "search.macs_max=10"], "no architecture has macs"),

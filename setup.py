@@ -50,6 +50,11 @@ setup(
         "matplotlib",
         "pillow",
     ],
-    extras_require={"dev": ["pytest", "pytest-xdist", "pytest-timeout"]},
+    extras_require={
+        # the latency model's `onnx` backend (latency.backend=onnx)
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
+        # the test suite exercises every backend
+        "dev": ["pytest", "pytest-xdist", "pytest-timeout", "onnx", "onnxscript", "onnxruntime"],
+    },
     entry_points={"console_scripts": ["vitas=vitas.cli:main"]},
 )

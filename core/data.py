@@ -48,6 +48,20 @@ _DATA_RULES: tuple[FieldRule, ...] = (
 )
 
 
+def replace_tree(root: Path, tmp: Path) -> None:
+    """Move a finished data set `tmp` to `root`, replacing an earlier output as late as possible
+    (a sibling `.old` copy until the rename, so a killed writer never leaves `root` half-written)."""
+    if root.exists():
+        old = root.parent / f".{root.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        root.rename(old)
+        tmp.rename(root)
+        shutil.rmtree(old)
+    else:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(root)
+
+
 def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0) -> dict:
     """Write scikit-learn's digits as 32x32 RGB PNGs in `root/{train,val}/<class>/` (atomically).
 
@@ -76,15 +90,7 @@ def write_digits(root: Path, val_fraction: float = 0.2, seed: int = 0) -> dict:
                 folder.mkdir(parents=True, exist_ok=True)
                 big = np.kron(pixels[i], np.ones((4, 4), dtype=np.uint8))  # nearest 8 -> 32
                 Image.fromarray(np.stack([big] * 3, axis=-1)).save(folder / f"{i:04d}.png")
-        if root.exists():
-            old = root.parent / f".{root.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            root.rename(old)
-            tmp.rename(root)
-            shutil.rmtree(old)
-        else:
-            root.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(root)
+        replace_tree(root, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

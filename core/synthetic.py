@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vitas.core.data import replace_tree
 from vitas.core.errors import UserError
 
 NAME = "counting"
@@ -209,7 +210,7 @@ def write_counting(root: Path, seed: int = 0, size: int = 32, train_per_class: i
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(_write_chunk, *zip(*jobs)))
-        _replace(root, tmp)
+        replace_tree(root, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -236,18 +237,6 @@ def _write_chunk(tmp: Path, seed: int, size: int, split: str, label: int, start:
     for index in range(start, stop):
         scene = sample_scene(scene_rng(seed, split, label, index), label)
         Image.fromarray(render(scene, size)).save(folder / f"{index:05d}.png")
-
-
-def _replace(root: Path, tmp: Path) -> None:
-    """Move the finished `tmp` tree to `root`, replacing an earlier output as late as possible."""
-    if root.exists():
-        old = root.parent / f".{root.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        root.rename(old)
-        tmp.rename(root)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(root)
 
 
 def _is_counting_tree(root: Path) -> bool:

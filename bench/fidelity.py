@@ -22,6 +22,11 @@ Everything is cached under `--work` (default runs/fidelity): rerunning continues
 stopped and recomputes only what is missing. Results: `bench/results/fidelity.json` and the
 table between the markers in `docs/FIDELITY.md`. `--toy` runs the whole study on a few digits
 architectures for a minute (the test suite does).
+
+`--partial` trains nothing: it ranks the superformers already trained under `--work` against the
+ground-truth architectures whose every seed has finished so far (a table that grows while the
+ground truth is still training), writes `bench/results/fidelity_partial.json` and puts that table,
+marked partial, in the doc until the full study replaces it.
 """
 from __future__ import annotations
 
@@ -347,6 +352,8 @@ def main() -> int:
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite the doc")
     parser.add_argument("--ground-truth-executor", default="local", choices=("local", "slurm"),
                         help="slurm: one array task per (arch, seed), as many at once as the cluster has CPUs")
+    parser.add_argument("--partial", action="store_true",
+                        help="train nothing: rank the trained superformers against the finished ground truth")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args()
     extra = list(args.overrides)
@@ -364,13 +371,15 @@ def main() -> int:
         if n not in VARIANTS:
             parser.error(f"unknown variant {n!r}; variants: {list(VARIANTS)}")
     study = Study(args.config.resolve(), args.work.resolve(), args.data.resolve(), args.jobs, args.toy, extra)
+    proxies = ["length_distortion", "ntk_condition"]
+    if args.partial:
+        return run_partial(study, names, args, proxies)
     start = time.time()
     study.timed("data", ensure_data, study, args.dataset, [])
     table = study.timed("ground truth", ground_truth, study, args.archs, args.seeds,
                         args.ground_truth_executor)
     runs = dict(zip(names, study.timed("superformers", study.parallel,
                                        lambda n: train_supernet(study, n), names)))
-    proxies = ["length_distortion", "ntk_condition"]
     result: dict[str, Any] = {"config": str(args.config), "data": str(args.data), "archs": args.archs,
                               "seeds": args.seeds, "proxies": proxies, "variants": {}}
     ranks = study.timed("ranking", study.parallel,
@@ -412,6 +421,64 @@ def publish(result: dict, study: Study, start: float, args: Any, done: str) -> N
     _write(args.out, result)
     if not args.no_doc:
         write_doc(result, args.doc)
+
+
+def partial_table(study: Study, seeds: int) -> tuple[Path, list[dict]]:
+    """The ground-truth table of the architectures whose `seeds` seeds have all finished (mean
+    val top-1), from the cache the ground-truth stage fills; written as ground_truth_partial.json."""
+    rows = []
+    for folder in sorted((study.work / "ground_truth" / "rank" / "ground_truth").glob("*")):
+        runs = [folder / f"seed{s}" for s in range(seeds)]
+        if all((r / "summary.json").is_file() for r in runs):
+            top1 = [float(json.loads((r / "summary.json").read_text())["top1"]) for r in runs]
+            rows.append({"arch": json.loads((runs[0] / "arch.json").read_text()),
+                         "trained_top1": float(np.mean(top1)), "seed_runs": top1})
+    if len(rows) < 3:
+        raise SystemExit(f"only {len(rows)} ground-truth architectures have all {seeds} seeds: too few to rank")
+    table = study.work / "ground_truth_partial.json"
+    _write(table, [{"arch": r["arch"], "trained_top1": r["trained_top1"]} for r in rows])
+    return table, rows
+
+
+def run_partial(study: Study, names: list[str], args: Any, proxies: list[str]) -> int:
+    """Rank every already-trained variant against the partial ground truth (see the docstring)."""
+    start = time.time()
+    table, rows = partial_table(study, args.seeds)
+    tag = hashlib.sha1(table.read_bytes()).hexdigest()[:8]
+    trained = [n for n in names if (study.work / "supernets" / n / "supernet" / "summary.json").is_file()]
+    if not trained:
+        raise SystemExit(f"no superformer of {names} has finished under {study.work / 'supernets'}")
+    result: dict[str, Any] = {"partial": True, "config": str(args.config), "data": str(args.data),
+                              "archs": len(rows), "archs_planned": args.archs, "seeds": args.seeds,
+                              "ground_truth": rows, "proxies": proxies, "variants": {}}
+    for i, n in enumerate(trained):
+        run = study.work / "supernets" / n
+        out = run / f"rank-gt-partial-{tag}"
+        if not (out / "rank" / "correlations.json").is_file():
+            study.stage("rank", out, *study.overrides(n), f"rank.proxies={json.dumps(proxies if i == 0 else [])}",
+                        "rank.targets=[trained_top1]", f"supernet.checkpoint={run / 'supernet' / 'last.pth'}",
+                        options=("--ground-truth", str(table)))
+        corr = json.loads((out / "rank" / "correlations.json").read_text())
+        summary = json.loads((run / "supernet" / "summary.json").read_text())
+        result["variants"][n] = {"what": VARIANTS[n][0], "rank": corr,
+                                 "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
+                                              "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
+                                              "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
+    shared = result["variants"][trained[0]]["rank"]["results"]["trained_top1"]
+    for n in trained[1:]:
+        for score in proxies + ["params", "macs"]:
+            result["variants"][n]["rank"]["results"]["trained_top1"].setdefault(score, shared[score])
+    result["summary_text"] = (f"PARTIAL: {len(rows)} of {args.archs} ground-truth architectures "
+                              f"({args.seeds} seeds each), variants {', '.join(trained)}; no end-to-end check.\n"
+                              + summarise(result))
+    result["seconds"] = {"ranking": round(time.time() - start, 1)}
+    out_json = args.out.with_name("fidelity_partial.json") if args.out == RESULTS else args.out
+    _write(out_json, result)
+    if not args.no_doc:
+        write_doc(result, args.doc)
+    print(table_markdown(result))
+    print(result["summary_text"])
+    return 0
 
 
 def _end_to_end(study: Study, names: list[str], runs: dict[str, Path], gt_rows: list[dict], args: Any) -> dict:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,3 +34,14 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     # A second run recomputes nothing: everything is cached.
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(out.read_text())["variants"].keys() == result["variants"].keys()
+    # --partial trains nothing and ranks the trained superformers against the finished ground truth.
+    part = tmp_path / "partial.json"
+    proc = subprocess.run([*cmd[:-1], "left-uniform,cyclic-sandwich,cyclic-uniform", "--partial",
+                           "--out", str(part)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    partial = json.loads(part.read_text())
+    assert partial["partial"] and partial["archs"] == 3 and len(partial["ground_truth"]) == 3
+    assert set(partial["variants"]) == {"left-uniform", "cyclic-sandwich"}  # cyclic-uniform never trained
+    assert sorted(r["trained_top1"] for r in partial["ground_truth"]) == pytest.approx(
+        sorted(r["trained_top1"] for r in runs), abs=1e-3)
+    assert "PARTIAL: 3 of 3" in proc.stdout

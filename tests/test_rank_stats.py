@@ -125,3 +125,12 @@ def test_difference_to_a_baseline_is_paired_and_banded() -> None:
     same = stats.correlation_difference(cost, cost, target, n_resamples=100)
     assert same["estimate"] == same["low"] == same["high"] == 0.0
     assert stats.correlation_difference([1.0] * 60, cost, target)["estimate"] is None
+
+
+def test_a_few_tied_architectures_still_get_an_interval(recwarn: pytest.WarningsRecorder) -> None:
+    """Some resamples of 6 architectures with ties draw a constant score (an undefined tau): they
+    are left out of the percentiles instead of voiding the interval, and scipy's warning is not shown."""
+    score, target = [1, 1, 1, 2, 2, 3], [10, 12, 11, 14, 13, 15]
+    out = stats.correlation(score, target, n_resamples=500)
+    assert out["low"] is not None and out["low"] <= out["estimate"] <= out["high"]
+    assert not [w for w in recwarn if "BCa" in str(w.message)]

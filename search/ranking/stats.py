@@ -22,10 +22,11 @@ along the resample axis; a study of ~100 scores x 7 targets would otherwise make
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from scipy.stats import bootstrap, rankdata
+from scipy.stats import DegenerateDataWarning, bootstrap, rankdata
 
 Values = Sequence[Optional[float]]
 METHODS = ("kendall", "spearman")
@@ -104,11 +105,22 @@ def _grouped(corr: Callable[[np.ndarray], np.ndarray], groups: Sequence[np.ndarr
 
 def _interval(groups: Sequence[np.ndarray], statistic: Callable[..., np.ndarray], confidence: float,
               n_resamples: int, seed: int) -> tuple[Optional[float], Optional[float]]:
-    """Percentile bootstrap interval of `statistic` over index groups, each resampled on its own."""
-    res = bootstrap(tuple(groups), statistic, n_resamples=n_resamples, vectorized=True, paired=False,
-                    batch=BATCH, confidence_level=confidence, method="percentile",
-                    rng=np.random.default_rng(seed))
-    return _nan_none(res.confidence_interval.low), _nan_none(res.confidence_interval.high)
+    """Percentile bootstrap interval of `statistic` over index groups, each resampled on its own.
+
+    A resample where the statistic is undefined (a few architectures drawn with tied values) is
+    left out of the percentiles, as long as at least half of them are defined; otherwise None.
+    (scipy would make the whole interval NaN, with a warning that wrongly speaks of BCa.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        res = bootstrap(tuple(groups), statistic, n_resamples=n_resamples, vectorized=True, paired=False,
+                        batch=BATCH, confidence_level=confidence, method="percentile",
+                        rng=np.random.default_rng(seed))
+    dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
+    if np.isfinite(dist).sum() * 2 < dist.size:
+        return None, None
+    alpha = (1.0 - confidence) / 2
+    low, high = np.nanquantile(dist, [alpha, 1.0 - alpha])
+    return _nan_none(float(low)), _nan_none(float(high))
 
 
 def estimate(score: Values, target: Values, method: str = "kendall") -> Optional[float]:

@@ -1,5 +1,4 @@
 """Data: digits writer (complete, deterministic, atomic), hold-out split, timm loaders, errors."""
-import hashlib
 import json
 import shutil
 import subprocess
@@ -18,14 +17,9 @@ from vitas.core.data import (build_dataset, build_splits, create_loader, create_
 from vitas.core.errors import UserError
 from vitas.cli import main
 
+from tree_hash import tree_hash
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tree_hash(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")

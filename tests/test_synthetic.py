@@ -1,6 +1,5 @@
 """The synthetic counting data set: deterministic, balanced, labels that follow from the pictures,
 readable by `vitas data check`, and bad arguments refused before anything is written."""
-import hashlib
 import json
 from pathlib import Path
 
@@ -14,14 +13,9 @@ from vitas.core import synthetic
 from vitas.core.synthetic import (CLASSES, label_of, render, sample_scene, scene_rng,
                                   write_counting)
 
+from tree_hash import tree_hash
+
 SMALL = dict(train_per_class=4, val_per_class=2)
-
-
-def tree_hash(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")

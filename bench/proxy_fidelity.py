@@ -62,7 +62,8 @@ from vitas.supernet.space import space_from_config
 from vitas.supernet.static import StaticViT
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data/vitbench101_autoformer_100.json")
+# The benchmark file lives in the project's shared data beside the checkout (never in a clone).
+DATA = REPO.parent / "shared" / "data" / "vitbench101_autoformer_100.json"
 RESULTS = REPO / "bench" / "results"
 IMG = 224
 CLASSES = {"c100": 100, "flower": 102, "chaoyang": 4, "imagenet": 1000}  # heads the targets trained
@@ -107,13 +108,12 @@ def setup(digits: Path) -> tuple[Any, torch.Tensor, torch.Tensor, Superformer]:
     return cfg, images, labels, Superformer(space_from_config(cfg), PROXY_CLASSES).eval()
 
 
-def compute(variant: str, cache: Path, digits: Path) -> dict:
+def compute(variant: str, cache: Path, digits: Path, rows: list[dict]) -> dict:
     """Every study proxy of every architecture of `variant`, one initialisation at a time over all
     architectures (init-major: an interrupted run still has whole inits), each record written
     to `cache` as it is done. Init k is `compute_proxies` with `proxy.seed + k` and one init,
     exactly init k of the default settings; their mean over inits is the default's value."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    rows = json.loads(DATA.read_text())
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     cfg, images, labels, superformer = setup(digits)
     settings = {"variant": variant, "proxy": cfg.proxy.__dict__ | {"names": list(STUDY_NAMES)}, "img_size": IMG,
@@ -140,12 +140,12 @@ def compute(variant: str, cache: Path, digits: Path) -> dict:
     return done
 
 
-def head_check(results: Path, digits: Path, archs: int = 20) -> dict:
+def head_check(results: Path, digits: Path, rows: list[dict], archs: int = 20) -> dict:
     """The head-dependent proxies (a loss or the logits in them) of the first `archs` scratch
     architectures at init 0 with CIFAR-100's 100-way head instead of the digits' 10-way one, and
     their Kendall tau with the 10-way values of the cache: does the head's width change the ranking?"""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    rows = json.loads(DATA.read_text())[:archs]
+    rows = rows[:archs]
     cache = json.loads((results / "proxy_fidelity_values_scratch.json").read_text())["values"]
     cfg, images, labels, _ = setup(digits)
     one = dataclasses.replace(cfg.proxy, inits=1)
@@ -173,12 +173,12 @@ def trained_cost(arch: dict, target: str, spaces: dict[str, Any]) -> tuple[int, 
     return cost.params, cost.macs
 
 
-def cost_spaces() -> dict[str, Any]:
+def cost_spaces(rows: list[dict]) -> dict[str, Any]:
     """The AutoFormer-T space (supernet: relative positions) and the same without them (scratch);
     checks once that the analytic count equals the scratch model's own parameter count."""
     spaces = {"super": space_from_config(load_config(REPO / "yamls" / "autoformer-T.yaml")),
               "scratch": space_from_config(load_config(REPO / "yamls" / "autoformer-T.yaml", ["space.rel_pos=false"]))}
-    arch = json.loads(DATA.read_text())[0]["arch"]
+    arch = rows[0]["arch"]
     counted = architecture_cost(scratch_model(arch, 100), None, (3, IMG, IMG))
     assert trained_cost(arch, "c100_base", spaces) == counted, "analytic cost != counted cost"
     return spaces
@@ -211,12 +211,11 @@ def init_agreement(cache: dict) -> dict[str, Optional[float]]:
             for n in STUDY_NAMES if PROXIES[n].per_init}
 
 
-def report(results: Path) -> dict:
+def report(results: Path, rows: list[dict]) -> dict:
     """Statistics of every score against every target (see the module docstring)."""
-    rows = json.loads(DATA.read_text())
     caches = {v: json.loads((results / f"proxy_fidelity_values_{v}.json").read_text())
               for v in ("scratch", "super") if (results / f"proxy_fidelity_values_{v}.json").is_file()}
-    spaces = cost_spaces()
+    spaces = cost_spaces(rows)
     out: dict = {"settings": {v: c["settings"] for v, c in caches.items()}, "bands": BANDS, "folds": FOLDS,
                  "bootstrap": {"resamples": RESAMPLES, "confidence": 0.95, "method": "percentile", "seed": 0},
                  "variants": {}, "targets": {}}
@@ -300,17 +299,22 @@ def main() -> None:
     parser.add_argument("step", choices=["compute", "report", "heads"])
     parser.add_argument("--variant", choices=["scratch", "super"], help="compute: the architectures to score")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the caches and the report")
-    parser.add_argument("--digits", type=Path, default=Path(os.environ.get("VITAS_DIGITS", "/tmp/vitas-digits")))
+    parser.add_argument("--benchmark", type=Path, default=DATA,
+                        help="the 100 ViT-Bench-101 architectures with their accuracies (JSON)")
+    parser.add_argument("--digits", type=Path, default=Path(os.environ.get("VITAS_DIGITS", REPO / "data" / "digits")))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not args.benchmark.is_file():
+        parser.error(f"benchmark file not found: {args.benchmark} (give --benchmark)")
+    rows = json.loads(args.benchmark.read_text())
     if args.step == "compute":
         if args.variant is None:
             parser.error("compute needs --variant")
-        compute(args.variant, args.results / f"proxy_fidelity_values_{args.variant}.json", args.digits)
+        compute(args.variant, args.results / f"proxy_fidelity_values_{args.variant}.json", args.digits, rows)
     elif args.step == "heads":
-        head_check(args.results, args.digits)
+        head_check(args.results, args.digits, rows)
     else:
-        report(args.results)
+        report(args.results, rows)
 
 
 if __name__ == "__main__":

@@ -529,25 +529,40 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses a key given twice in one mapping, at any level (PyYAML
-    would silently keep the last one)."""
+def refuse_duplicate_keys(text: str, name: str) -> None:
+    """A UserError for a key given twice in one mapping, at any level (`yaml.safe_load` would
+    silently keep the last one). Works on the composed node tree: nothing is constructed."""
+    loader = yaml.SafeLoader(text)
+    loader.name = name  # syntax errors name the file
+    try:
+        root = loader.get_single_node()
+    finally:
+        loader.dispose()
+    stack, visited = [root], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:  # aliases share nodes
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[tuple, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if (key.tag, key.value) in lines:
+                        raise UserError(f"{name}: key '{key.value}' is given twice (lines "
+                                        f"{lines[key.tag, key.value]} and {line}); the second would "
+                                        f"silently win")
+                    lines[key.tag, key.value] = line
+                stack += [value, key]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise UserError(f"{key_node.start_mark.name}: key '{key}' is given twice (lines "
-                                f"{seen[key]} and {line}); the second would silently win")
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
 
-
-def safe_load(stream: Any) -> Any:
-    """`yaml.load` with the safe loader that also refuses duplicated keys."""
-    return yaml.load(stream, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+def safe_load(text: str, name: str = "<string>") -> Any:
+    """`yaml.safe_load` of `text`, refusing duplicated keys first."""
+    refuse_duplicate_keys(text, name)
+    return yaml.safe_load(text)
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
@@ -557,8 +572,7 @@ def read_yaml(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            return safe_load(f)
+        return safe_load(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     except UnicodeDecodeError:

@@ -186,9 +186,10 @@ def train_supernet(study: Study, name: str, seed: int = 0) -> Path:
     return out
 
 
-def rank_variant(study: Study, name: str, run: Path, table: Path, proxies: list[str]) -> dict:
-    """`vitas rank` of a variant's superformer against the ground-truth table."""
-    out = run / "rank-gt"
+def rank_variant(study: Study, name: str, run: Path, table: Path, proxies: list[str],
+                 folder: str = "rank-gt") -> dict:
+    """`vitas rank` of a variant's superformer against the ground-truth table (cached in `folder`)."""
+    out = run / folder
     result = out / "rank" / "correlations.json"
     if not result.is_file():
         study.stage("rank", out, *study.overrides(name), f"rank.proxies={json.dumps(proxies)}",
@@ -196,6 +197,24 @@ def rank_variant(study: Study, name: str, run: Path, table: Path, proxies: list[
                     f"supernet.checkpoint={run / 'supernet' / 'last.pth'}",
                     options=("--ground-truth", str(table)))
     return json.loads(result.read_text())
+
+
+def variant_entry(name: str, run: Path, corr: dict) -> dict:
+    """A variant's row of the results: what it is, its ranking and its superformer's training."""
+    summary = json.loads((run / "supernet" / "summary.json").read_text())
+    return {"what": VARIANTS[name][0], "rank": corr,
+            "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
+                         "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
+                         "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
+
+
+def share_scores(result: dict, names: list[str], proxies: list[str]) -> None:
+    """The proxies and baselines, ranked once with the first variant, in every variant's table
+    (same architectures, same inits)."""
+    shared = result["variants"][names[0]]["rank"]["results"]["trained_top1"]
+    for n in names[1:]:
+        for score in proxies + ["params", "macs"]:
+            result["variants"][n]["rank"]["results"]["trained_top1"].setdefault(score, shared[score])
 
 
 def retrain(study: Study, arch: dict, seed: int) -> float:
@@ -385,17 +404,9 @@ def main() -> int:
     ranks = study.timed("ranking", study.parallel,
                         lambda n: rank_variant(study, n, runs[n], table, proxies if n == names[0] else []),
                         names)
-    # every variant's table shares the proxies and baselines computed once (same archs, same inits)
     for n, corr in zip(names, ranks):
-        summary = json.loads((runs[n] / "supernet" / "summary.json").read_text())
-        result["variants"][n] = {"what": VARIANTS[n][0], "rank": corr,
-                                 "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
-                                              "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
-                                              "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
-    shared = ranks[0]["results"]["trained_top1"]
-    for n in names[1:]:
-        for score in proxies + ["params", "macs"]:
-            result["variants"][n]["rank"]["results"]["trained_top1"].setdefault(score, shared[score])
+        result["variants"][n] = variant_entry(n, runs[n], corr)
+    share_scores(result, names, proxies)
     publish(result, study, start, args, done="ranking")  # what there is so far, in case of a stop
 
     gt_rows = json.loads(table.read_text())
@@ -453,21 +464,9 @@ def run_partial(study: Study, names: list[str], args: Any, proxies: list[str]) -
                               "ground_truth": rows, "proxies": proxies, "variants": {}}
     for i, n in enumerate(trained):
         run = study.work / "supernets" / n
-        out = run / f"rank-gt-partial-{tag}"
-        if not (out / "rank" / "correlations.json").is_file():
-            study.stage("rank", out, *study.overrides(n), f"rank.proxies={json.dumps(proxies if i == 0 else [])}",
-                        "rank.targets=[trained_top1]", f"supernet.checkpoint={run / 'supernet' / 'last.pth'}",
-                        options=("--ground-truth", str(table)))
-        corr = json.loads((out / "rank" / "correlations.json").read_text())
-        summary = json.loads((run / "supernet" / "summary.json").read_text())
-        result["variants"][n] = {"what": VARIANTS[n][0], "rank": corr,
-                                 "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
-                                              "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
-                                              "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
-    shared = result["variants"][trained[0]]["rank"]["results"]["trained_top1"]
-    for n in trained[1:]:
-        for score in proxies + ["params", "macs"]:
-            result["variants"][n]["rank"]["results"]["trained_top1"].setdefault(score, shared[score])
+        corr = rank_variant(study, n, run, table, proxies if i == 0 else [], folder=f"rank-gt-partial-{tag}")
+        result["variants"][n] = variant_entry(n, run, corr)
+    share_scores(result, trained, proxies)
     result["summary_text"] = (f"PARTIAL: {len(rows)} of {args.archs} ground-truth architectures "
                               f"({args.seeds} seeds each), variants {', '.join(trained)}; no end-to-end check.\n"
                               + summarise(result))

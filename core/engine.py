@@ -281,6 +281,16 @@ class Trainer:
         self.global_step = 0      # optimizer steps completed
         self.resumed_from: Optional[tuple[int, int]] = None  # (epoch, global step) of last.pth
         self.amp_skips = 0  # steps the AMP scaler skipped for overflow (normal, not divergence)
+        self._seconds_saved = 0.0  # training wall time of earlier sessions (from last.pth)
+        self._fit_started: Optional[float] = None  # perf_counter() when this session's fit began
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall seconds spent in `fit` over every session of this run (a resumed run counts its
+        earlier sessions up to their last save), so a summary reports the run's time, not the last
+        session's."""
+        now = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
+        return self._seconds_saved + now
 
     def _divergence(self, what: str) -> str:
         kept = (f"{self.path} keeps the state after epoch {self.resumed_from[0] if self.resumed_from else 0}"
@@ -380,6 +390,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "planned_epochs": self.section.epochs,
             "rng": rng_state(),
+            "train_seconds": self.train_seconds,
             **self.extra_state,
         }
 
@@ -430,6 +441,7 @@ class Trainer:
             self.ema.module.load_state_dict(state["ema"])
         self.epoch, self.global_step = state["epoch"], state["step"]
         self.step_in_epoch = state["step_in_epoch"]
+        self._seconds_saved = float(state.get("train_seconds", 0.0))  # absent in older checkpoints
         set_rng_state(state["rng"])
         self.resumed_from = (self.epoch, self.global_step)
         return True
@@ -445,6 +457,17 @@ class Trainer:
         `log_every_steps`, saves every `save_every_steps` and at every epoch's end, after
         `on_epoch_end(epoch)` (validation; its scalars are logged).
         """
+        sec = self.section
+        sampler: GlobalBatchSampler = loader.batch_sampler  # type: ignore[assignment]
+        self._fit_started = time.perf_counter()
+        try:
+            self._fit_epochs(loader, train_step, logger, on_epoch_end, on_epoch_start, desc)
+        finally:
+            self._seconds_saved, self._fit_started = self.train_seconds, None
+
+    def _fit_epochs(self, loader: DataLoader, train_step: Callable[[Any], dict], logger: RunLogger,
+                    on_epoch_end: Optional[Callable[[int], dict]],
+                    on_epoch_start: Optional[Callable[[int], None]], desc: str) -> None:
         sec = self.section
         sampler: GlobalBatchSampler = loader.batch_sampler  # type: ignore[assignment]
         for epoch in range(self.epoch, sec.epochs):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -215,7 +214,6 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
                   f"top5 {metrics['top5']:.2f}% ({stage_at(schedule, epoch).tokens} tokens)", flush=True)
         return scalars
 
-    start = time.perf_counter()
     with RunLogger(out_dir) as logger:
         trainer.fit(loader, train_step, logger, on_epoch_end=on_epoch_end,
                     on_epoch_start=on_epoch_start, desc="retrain")
@@ -224,7 +222,7 @@ def train_arch(cfg: Config, arch: dict, out_dir: str | Path, epochs: Optional[in
                **{k: last[k] for k in ("ema_top1", "ema_top5") if k in last},
                "best_top1": best["top1"], "epochs": sec.epochs, "arch": arch,
                "init": sec.init, "params": cost.params, "macs": cost.macs,
-               "train_seconds": round(time.perf_counter() - start, 1), "retokenize": macs,
+               "train_seconds": round(trainer.train_seconds, 1), "retokenize": macs,
                "checkpoint": str(trainer.path)}
     if dist.is_main():
         write_json(summary, out_dir / "summary.json")

@@ -16,7 +16,6 @@ optimizer state, ...), `log.jsonl` + TensorBoard events, and `summary.json` at t
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -212,7 +211,6 @@ def run(cfg: Config, ctx: StageContext) -> dict:
                  last["val"]["max"]["top1"], last["val"]["min"]["top1"], scalars["val/mean_top1"])
         return scalars
 
-    tic = time.perf_counter()
     with RunLogger(out_dir) as logger:
         trainer.fit(loader, make_train_step(trainer, sampler, space, cfg, mixup, criterion), logger,
                     on_epoch_end=on_epoch_end, desc="supernet")
@@ -222,7 +220,7 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         "max_top1": last["val"]["max"]["top1"], "min_top1": last["val"]["min"]["top1"],
         "val": {name: {**r, "arch": archs[name]} for name, r in last["val"].items()},
         "epochs": trainer.epoch, "steps": trainer.global_step, "world_size": info.world_size,
-        "sampling": sec.sampling, "train_seconds": round(time.perf_counter() - tic, 1),
+        "sampling": sec.sampling, "train_seconds": round(trainer.train_seconds, 1),
         "resumed_from": list(trainer.resumed_from) if trainer.resumed_from else None,
         "output": str(out_dir),
     }

@@ -61,6 +61,7 @@ def test_checkpoint_contents(run):
     assert set(state["model"]) >= {"patch_embed.proj.weight", "pos_embed", "head.weight"}
     assert SearchSpace(load_config(YAML).space).spec() == state["space"]
     assert {"optimizer", "scheduler", "rng", "config"} <= set(state)
+    assert 0 < state["train_seconds"] <= json.loads((out / "retrain" / "summary.json").read_text())["train_seconds"] + 0.1
 
 
 def test_evaluate_reproduces_training_accuracy(run, capsys):
@@ -77,9 +78,12 @@ def test_finished_run_resumes_without_training(run):
     out, data = run
     cfg = load_config(YAML, [f"output_dir={out}", f"data.root={data}", *FAST])
     before = (out / "retrain" / "last.pth").stat().st_mtime_ns
+    first = json.loads((out / "retrain" / "summary.json").read_text())
     again = train_arch(cfg, ARCH, out / "retrain")
     summary = json.loads((out / "retrain" / "summary.json").read_text())
     assert again["top1"] == summary["top1"] and again["top5"] == summary["top5"]
+    # the run's training time survives the resume (it was once reported as the last session's, 0 s)
+    assert first["train_seconds"] > 0 and abs(again["train_seconds"] - first["train_seconds"]) < 0.5
     assert (out / "retrain" / "last.pth").stat().st_mtime_ns == before  # nothing was retrained
     other = dict(ARCH, embed_dim=64, mlp_dim=[128, 128])
     with pytest.raises(UserError, match="another architecture"):

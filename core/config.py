@@ -252,6 +252,11 @@ class SearchConfig:
     batch_size: int = at_least(256, 1)
     array_jobs: int = at_least(0, 0)
     seed: int = at_least(0, 0)
+    # accuracy scorer: fine-tune a copy of each subnet this many steps before scoring it (0: the
+    # inherited weights as they are; search/scoring/finetune.py)
+    finetune_steps: int = at_least(0, 0)
+    finetune_lr: float = above(5e-4, 0)
+    finetune_batch_size: int = at_least(64, 1)
 
 
 @dataclass

@@ -303,6 +303,52 @@ def test_accuracy_scorer_is_holdout_top1_of_the_extracted_subnet(tiny_run: Path)
     assert sides(cfg) == ("left",)
 
 
+def test_finetuned_scores_leave_the_superformer_alone_and_depend_on_the_arch_only(tiny_run: Path) -> None:
+    cfg = tiny_cfg(tiny_run, "search.batch_size=16", "search.finetune_steps=4", "search.finetune_batch_size=8",
+                   "data.workers=0")
+    scorer = AccuracyScorer(cfg)
+    space = scorer.space
+    a, b, c = (space.sample(np.random.default_rng(i)) for i in range(3))
+    scorer.setup()
+    before = {k: v.clone() for k, v in scorer._model.state_dict().items()}
+    first = scorer.compute([a, b])
+    assert all(torch.equal(before[k], v) for k, v in scorer._model.state_dict().items())
+    assert scorer.compute([c, b, a]) == [scorer.compute([c])[0], first[1], first[0]]  # order-free
+    plain = AccuracyScorer(tiny_cfg(tiny_run, "search.batch_size=16")).compute([a, b])
+    assert [m["images"] for m in first] == [m["images"] for m in plain] == [50, 50]
+    assert scorer.settings()["finetune_steps"] == 4 and "finetune_steps" not in AccuracyScorer(
+        tiny_cfg(tiny_run)).settings()
+
+
+def test_finetuning_trains_a_copy_on_the_training_split_and_scores_that_copy(tiny_run: Path) -> None:
+    from vitas.search.scoring.finetune import SubnetFinetuner
+
+    cfg = tiny_cfg(tiny_run, "search.finetune_steps=6", "search.finetune_batch_size=16", "data.workers=0")
+    tuner = SubnetFinetuner(cfg)
+    scorer = AccuracyScorer(cfg)
+    scorer.setup()
+    arch = scorer.space.sample(np.random.default_rng(0))
+    key = scorer.space.key(arch)
+    loader = tuner.images(key)
+    assert len(loader) == 6 and not set(loader.dataset.indices) & set(split_holdout(cfg))
+    assert list(tuner.images(key).dataset.indices) == list(loader.dataset.indices)  # a function of the arch
+    copy, inherited = scorer._model.extract(arch), scorer._model.extract(arch).state_dict()
+    losses = tuner.finetune(copy, key)
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert all(not torch.equal(v, inherited[k]) for k, v in copy.state_dict().items() if k.endswith("weight"))
+    batches = holdout_batches(cfg, cfg.search.batch_size)
+    with torch.no_grad():
+        correct = sum(int((copy(x).argmax(1) == y).sum()) for x, y in batches)
+    assert scorer.compute([arch])[0]["top1"] == pytest.approx(100.0 * correct / 50)
+
+
+def split_holdout(cfg) -> list[int]:
+    from vitas.core.data import build_dataset, split_train_holdout
+
+    train = build_dataset(cfg.data, "train", cfg.space.img_size, is_training=False)
+    return split_train_holdout(train, cfg.data.holdout_per_class, cfg.data.split_seed)[1]
+
+
 def test_accuracy_search_refuses_to_resume_on_a_retrained_superformer(tiny_run: Path, tmp_path: Path) -> None:
     """Inherited accuracies cached from one superformer are not ranked against another's."""
     ckpt = tmp_path / "supernet.pth"

@@ -88,6 +88,7 @@ def searched(tiny_digits: Path, tmp_path: Path) -> Path:
     "data.mean=[0.4,0.5,0.5]", "data.std=[0.3,0.5,0.5]", "data.crop_pct=0.9",
     "data.interpolation=bicubic", "data.broken_images=skip", "data.split_seed=3",
     "supernet.weights=raw", "search.mutation_prob=0.2", "search.seed=1", "search.macs_max=1500000",
+    "search.finetune_steps=2",
 ])
 def test_a_change_the_scores_or_path_depend_on_refuses_resume(searched: Path, tiny_digits: Path,
                                                               change: str) -> None:

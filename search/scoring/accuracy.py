@@ -8,7 +8,8 @@ trained without (recorded in its checkpoint). Each rank holds its own unpadded s
 memory as one tensor, decoded once, and the correct counts are summed over ranks, so the result
 equals a single process's. The superformer has no BatchNorm, so a subnet needs no
 recalibration. With a `bilateral` channel policy the left and right passes are scored and their
-accuracies averaged.
+accuracies averaged. `search.finetune_steps` > 0 scores a copy of each subnet fine-tuned for that
+many steps instead (`vitas.search.scoring.finetune`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from vitas.core.data import (build_dataset, check_data_source, create_loader, nu
 from vitas.core.errors import UserError
 from vitas.core.metrics import evaluate_accuracy
 from vitas.search.scoring.base import Scorer
+from vitas.search.scoring.finetune import SubnetFinetuner, finetune_settings
 from vitas.supernet.checkpoint import inspect_superformer, read_superformer
 from vitas.supernet.model import Superformer
 from vitas.supernet.space import space_from_config
@@ -66,6 +68,23 @@ def inherited_accuracy(model: Superformer, arch: dict, batches: Batches,
     return {**totals, "images": images}
 
 
+def finetuned_accuracy(model: Superformer, arch: dict, batches: Batches, finetuner: SubnetFinetuner,
+                       device: torch.device | str = "cpu", passes: tuple[str, ...] = ("left",)) -> dict:
+    """`inherited_accuracy` of copies of `arch`'s subnet fine-tuned by `finetuner` (one per pass);
+    the superformer is left as it was."""
+    totals = {"top1": 0.0, "top5": 0.0}
+    images = 0
+    key = model.space.key(arch)
+    for side in passes:
+        static = model.extract(arch, side)
+        finetuner.finetune(static, key)
+        with torch.inference_mode():
+            acc = evaluate_accuracy(static, batches, device)
+        totals = {k: totals[k] + acc[k] / len(passes) for k in totals}
+        images = acc["images"]
+    return {**totals, "images": images}
+
+
 class AccuracyScorer(Scorer):
     """`search.scorer: accuracy`: inherited hold-out top-1 (higher is better) of each architecture.
 
@@ -84,6 +103,7 @@ class AccuracyScorer(Scorer):
         self.passes = sides(cfg)
         self._model: Optional[Superformer] = None
         self._batches: Batches = []
+        self._finetuner: Optional[SubnetFinetuner] = None
 
     def check(self) -> None:
         """The superformer file (entries, space, classes, weights policy) and a hold-out split
@@ -102,21 +122,28 @@ class AccuracyScorer(Scorer):
                             f"superformer trained on; set {key}={info.split.get(key)!r}")
 
     def settings(self) -> dict[str, Any]:
-        """The superformer's identity and weights, the hold-out split, its transform, the passes."""
+        """The superformer's identity and weights, the hold-out split, its transform, the passes,
+        and the fine-tuning (when on)."""
         info = inspect_superformer(self.cfg, self.space)
         return {**info.identity(), **split_settings(self.cfg.data),
                 "transform": transform_settings(self.cfg.data, self.cfg.space.img_size, False),
-                "data.broken_images": self.cfg.data.broken_images, "passes": list(self.passes)}
+                "data.broken_images": self.cfg.data.broken_images, "passes": list(self.passes),
+                **finetune_settings(self.cfg)}
 
     def setup(self) -> None:
         """Load the superformer and this rank's hold-out shard (idempotent)."""
         if self._model is None:
             self._model, _ = read_superformer(self.cfg, self.space, num_classes(self.cfg.data), self.device)
             self._batches = holdout_batches(self.cfg, self.cfg.search.batch_size, self.device)
+            if self.cfg.search.finetune_steps:
+                self._finetuner = SubnetFinetuner(self.cfg, self.device)
 
     def compute(self, archs: list[dict]) -> list[dict]:
-        """Inherited accuracy of each architecture (collective: all ranks, same list)."""
+        """Inherited (or fine-tuned) accuracy of each architecture (collective: all ranks, same list)."""
         self.setup()
+        if self._finetuner is not None:
+            return [finetuned_accuracy(self._model, a, self._batches, self._finetuner, self.device, self.passes)
+                    for a in archs]
         return [inherited_accuracy(self._model, a, self._batches, self.device, self.passes) for a in archs]
 
 

@@ -8,10 +8,13 @@ One rerunnable, resumable study, run through the real `vitas` command line:
    ground-truth table;
 3. superformers: one per variant (channel policy on the embed dimension, sampler, and the
    training options of `VARIANTS`), all at the same number of optimizer steps
-   (`supernet.epochs` x steps per epoch), wall time per step recorded;
+   (`supernet.epochs` x steps per epoch), wall time per step recorded; the variants of
+   `SCORINGS` train nothing and score another variant's superformer differently (each subnet
+   fine-tuned for a few steps first);
 4. ranking: per variant, `vitas rank --ground-truth TABLE` (inherited accuracy, #params, MACs;
    the proxies once): Kendall tau and Spearman rho with 95% bootstrap intervals, globally and
-   within MACs bands, top-k overlap, regret, and the difference to #params;
+   within MACs bands, top-k overlap, regret, and the difference to #params; beside them, how
+   well the ground truth agrees with itself (seed 0 against seed 1);
 5. end to end: within a middle MACs budget, each variant's GA choice (`vitas search`) and 8
    random architectures of the same budget (shared) are retrained with `--seeds` seeds: does the
    search beat the median random architecture by more than the seed spread?
@@ -87,6 +90,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                   ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
                                    "space.qk=entangled"]),
 }
+# Variants that score another variant's superformer differently (nothing trained of their own):
+# name -> (what it is, the variant whose superformer it scores, scoring overrides).
+SCORINGS: dict[str, tuple[str, str, list[str]]] = {
+    "cyclic-sandwich-ft50": ("cyclic-sandwich, each subnet fine-tuned 50 steps before scoring",
+                             "cyclic-sandwich", ["search.finetune_steps=50"]),
+    "cyclic-sandwich-ft200": ("cyclic-sandwich, each subnet fine-tuned 200 steps before scoring",
+                              "cyclic-sandwich", ["search.finetune_steps=200"]),
+}
 BASELINE_VARIANTS = ("left-uniform", "left-sandwich", "cyclic-uniform", "cyclic-sandwich", "bilateral-bcnet")
 DEFAULT = "cyclic-sandwich"
 
@@ -121,9 +132,12 @@ class Study:
                           *overrides, log=out / f"{stage}.log")
 
     def overrides(self, name: str) -> list[str]:
-        """A variant's overrides, `{warmup}` filled in (a tenth of the supernet epochs)."""
+        """A variant's overrides, `{warmup}` filled in (a tenth of the supernet epochs); a scoring
+        variant's are its superformer's and its own."""
         import yaml
 
+        if name in SCORINGS:
+            return self.overrides(SCORINGS[name][1]) + SCORINGS[name][2]
         epochs = int(yaml.safe_load(self.config.read_text()).get("supernet", {}).get("epochs", 100))
         for item in self.base:
             if item.startswith("supernet.epochs="):
@@ -151,6 +165,17 @@ class Study:
         """fn(item) for every item, `jobs` at a time (each a one-thread subprocess)."""
         with futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
             return list(pool.map(fn, items))
+
+
+def trained_as(name: str) -> str:
+    """The variant whose superformer `name` ranks (itself, unless it is a scoring variant)."""
+    return SCORINGS[name][1] if name in SCORINGS else name
+
+
+def folder_of(name: str, what: str) -> str:
+    """The folder (in the superformer's run) of a variant's `what` ("rank-gt", "search-middle"):
+    scoring variants share the run, so their folders carry their name."""
+    return f"{what}-{name}" if name in SCORINGS else what
 
 
 # ----------------------------------------------------------------------------- parts
@@ -202,7 +227,8 @@ def rank_variant(study: Study, name: str, run: Path, table: Path, proxies: list[
 def variant_entry(name: str, run: Path, corr: dict) -> dict:
     """A variant's row of the results: what it is, its ranking and its superformer's training."""
     summary = json.loads((run / "supernet" / "summary.json").read_text())
-    return {"what": VARIANTS[name][0], "rank": corr,
+    what = SCORINGS[name][0] if name in SCORINGS else VARIANTS[name][0]
+    return {"what": what, "trained_as": trained_as(name), "rank": corr,
             "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
                          "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
                          "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
@@ -246,13 +272,27 @@ def random_archs(study: Study, budget: tuple[int, int], n: int) -> list[dict]:
 
 def search_choice(study: Study, name: str, run: Path, budget: tuple[int, int]) -> dict:
     """The GA's choice within `budget` with variant `name`'s superformer."""
-    out = run / "search-middle"
+    out = run / folder_of(name, "search-middle")
     arch = out / "search" / "arch.json"
     if not arch.is_file():
         study.stage("search", out, *study.overrides(name), "search.algorithm=ga",
                     f"search.macs_min={budget[0]}", f"search.macs_max={budget[1]}",
                     f"supernet.checkpoint={run / 'supernet' / 'last.pth'}")
     return json.loads(arch.read_text())
+
+
+def ground_truth_noise(rows: list[dict]) -> dict:
+    """How well the ground truth agrees with itself: Kendall tau (95% interval) between the
+    rankings of its first two seeds, and their mean absolute difference. A score ranked against
+    the seed mean can hardly be trusted far beyond this."""
+    from vitas.search.ranking.stats import correlation
+
+    pairs = [r["seed_runs"][:2] for r in rows if len(r.get("seed_runs") or []) >= 2]
+    if len(pairs) < 3:
+        return {}
+    a, b = np.array(pairs).T
+    return {"archs": len(pairs), "kendall_seed0_vs_seed1": correlation(a, b, "kendall"),
+            "mean_abs_difference": float(np.mean(np.abs(a - b)))}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -313,6 +353,10 @@ def table_markdown(result: dict) -> str:
         lines.append(f"| inherited, {name} | {_cell(entry['kendall'])} | {_cell(entry['kendall_banded'])} | "
                      f"{_topk(entry)} | {_num(entry['regret'])} | {margin} | "
                      f"{v['supernet']['sec_per_step']:.3f} |")
+    noise = result.get("ground_truth_noise") or {}
+    if noise:
+        lines.append(f"| ground truth itself: seed 0 vs seed 1 ({noise['archs']} archs) | "
+                     f"{_cell(noise['kendall_seed0_vs_seed1'])} | - | - | - | - | - |")
     first = next(iter(result["variants"].values()))["rank"]["results"][target]
     for score in result["proxies"] + ["params", "macs"]:
         entry = first[score]
@@ -349,6 +393,13 @@ def summarise(result: dict) -> str:
                      f"{_num(res['params']['kendall_banded']['estimate'])}. "
                      + ("Its interval's lower end is above both baselines." if beats else
                         "It does NOT beat the size baselines with confidence."))
+    noise = result.get("ground_truth_noise") or {}
+    if noise:
+        c = noise["kendall_seed0_vs_seed1"]
+        lines.append(f"- The ground truth agrees with itself at tau {_cell(c)} (seed 0 against seed 1 of "
+                     f"{noise['archs']} architectures, mean |difference| {noise['mean_abs_difference']:.2f} "
+                     "points): the seed mean is a noisy target, and no score can be ranked against it much "
+                     "more precisely than that.")
     return "\n".join(lines)
 
 
@@ -381,14 +432,14 @@ def main() -> int:
         args.archs, args.seeds, args.random = min(args.archs, 4), min(args.seeds, 2), min(args.random, 2)
         extra = ["supernet.epochs=1", "retrain.epochs=1", "search.population=4", "search.generations=1",
                  "rank.bands=1", "rank.bootstrap=100", "proxy.inits=1", "proxy.thetas=4",
-                 "proxy.ntk_images=4", "data.holdout_per_class=5", "search.macs_min=null",
+                 "proxy.ntk_images=4", "data.holdout_per_class=5", "search.finetune_batch_size=8", "search.macs_min=null",
                  "search.macs_max=null", *extra]
     if args.config is None or args.data is None:
         parser.error("--config and --data are needed (or --toy)")
-    names = list(VARIANTS) if args.variants == "all" else [n for n in args.variants.split(",") if n]
+    names = [*VARIANTS, *SCORINGS] if args.variants == "all" else [n for n in args.variants.split(",") if n]
     for n in names:
-        if n not in VARIANTS:
-            parser.error(f"unknown variant {n!r}; variants: {list(VARIANTS)}")
+        if n not in VARIANTS and n not in SCORINGS:
+            parser.error(f"unknown variant {n!r}; variants: {[*VARIANTS, *SCORINGS]}")
     study = Study(args.config.resolve(), args.work.resolve(), args.data.resolve(), args.jobs, args.toy, extra)
     proxies = ["length_distortion", "ntk_condition"]
     if args.partial:
@@ -397,16 +448,20 @@ def main() -> int:
     study.timed("data", ensure_data, study, args.dataset, [])
     table = study.timed("ground truth", ground_truth, study, args.archs, args.seeds,
                         args.ground_truth_executor)
-    runs = dict(zip(names, study.timed("superformers", study.parallel,
-                                       lambda n: train_supernet(study, n), names)))
+    trained = list(dict.fromkeys(trained_as(n) for n in names))
+    superformers = dict(zip(trained, study.timed("superformers", study.parallel,
+                                                 lambda n: train_supernet(study, n), trained)))
+    runs = {n: superformers[trained_as(n)] for n in names}
     result: dict[str, Any] = {"config": str(args.config), "data": str(args.data), "archs": args.archs,
                               "seeds": args.seeds, "proxies": proxies, "variants": {}}
     ranks = study.timed("ranking", study.parallel,
-                        lambda n: rank_variant(study, n, runs[n], table, proxies if n == names[0] else []),
+                        lambda n: rank_variant(study, n, runs[n], table, proxies if n == names[0] else [],
+                                               folder=folder_of(n, "rank-gt")),
                         names)
     for n, corr in zip(names, ranks):
         result["variants"][n] = variant_entry(n, runs[n], corr)
     share_scores(result, names, proxies)
+    result["ground_truth_noise"] = ground_truth_noise(json.loads(table.read_text()))
     publish(result, study, start, args, done="ranking")  # what there is so far, in case of a stop
 
     gt_rows = json.loads(table.read_text())
@@ -456,17 +511,20 @@ def run_partial(study: Study, names: list[str], args: Any, proxies: list[str]) -
     start = time.time()
     table, rows = partial_table(study, args.seeds)
     tag = hashlib.sha1(table.read_bytes()).hexdigest()[:8]
-    trained = [n for n in names if (study.work / "supernets" / n / "supernet" / "summary.json").is_file()]
+    trained = [n for n in names
+               if (study.work / "supernets" / trained_as(n) / "supernet" / "summary.json").is_file()]
     if not trained:
         raise SystemExit(f"no superformer of {names} has finished under {study.work / 'supernets'}")
     result: dict[str, Any] = {"partial": True, "config": str(args.config), "data": str(args.data),
                               "archs": len(rows), "archs_planned": args.archs, "seeds": args.seeds,
                               "ground_truth": rows, "proxies": proxies, "variants": {}}
     for i, n in enumerate(trained):
-        run = study.work / "supernets" / n
-        corr = rank_variant(study, n, run, table, proxies if i == 0 else [], folder=f"rank-gt-partial-{tag}")
+        run = study.work / "supernets" / trained_as(n)
+        corr = rank_variant(study, n, run, table, proxies if i == 0 else [],
+                            folder=folder_of(n, f"rank-gt-partial-{tag}"))
         result["variants"][n] = variant_entry(n, run, corr)
     share_scores(result, trained, proxies)
+    result["ground_truth_noise"] = ground_truth_noise(rows)
     result["summary_text"] = (f"PARTIAL: {len(rows)} of {args.archs} ground-truth architectures "
                               f"({args.seeds} seeds each), variants {', '.join(trained)}; no end-to-end check.\n"
                               + summarise(result))

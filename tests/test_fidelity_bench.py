@@ -31,9 +31,21 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     assert "tau_between_seeds" in result["stability"]
     assert {"ground truth", "superformers", "ranking", "end to end", "total"} <= set(result["seconds"])
     assert "| inherited, cyclic-sandwich |" in proc.stdout
-    # A second run recomputes nothing: everything is cached.
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and json.loads(out.read_text())["variants"].keys() == result["variants"].keys()
+    assert result["ground_truth_noise"]["archs"] == 3
+    assert "ground truth itself: seed 0 vs seed 1" in proc.stdout
+    # A second run recomputes nothing but what is new: a scoring variant, which ranks (and searches
+    # with) the cyclic-sandwich superformer after fine-tuning each subnet, and trains no superformer.
+    again = subprocess.run([*cmd[:-1], "left-uniform,cyclic-sandwich,cyclic-sandwich-ft50"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert list(variants) == ["left-uniform", "cyclic-sandwich", "cyclic-sandwich-ft50"]
+    assert variants["cyclic-sandwich-ft50"]["trained_as"] == "cyclic-sandwich"
+    assert sorted(p.name for p in (tmp_path / "work" / "supernets").iterdir()) == [
+        "cyclic-sandwich", "cyclic-sandwich-seed1", "left-uniform"]
+    tuned = tmp_path / "work" / "supernets" / "cyclic-sandwich" / "rank-gt-cyclic-sandwich-ft50"
+    assert "finetune_steps: 50" in (tuned / "rank" / "config.yaml").read_text()
+    assert "margin" in variants["cyclic-sandwich-ft50"]["end_to_end"]
     # --partial trains nothing and ranks the trained superformers against the finished ground truth.
     part = tmp_path / "partial.json"
     proc = subprocess.run([*cmd[:-1], "left-uniform,cyclic-sandwich,cyclic-uniform", "--partial",

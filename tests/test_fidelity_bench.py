@@ -35,8 +35,8 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     assert "ground truth itself: seed 0 vs seed 1" in proc.stdout
     # A second run recomputes nothing but what is new: a scoring variant, which ranks (and searches
     # with) the cyclic-sandwich superformer after fine-tuning each subnet, and trains no superformer.
-    again = subprocess.run([*cmd[:-1], "left-uniform,cyclic-sandwich,cyclic-sandwich-ft50"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*cmd[:-1], "left-uniform,cyclic-sandwich,cyclic-sandwich-ft50", "--end-to-end",
+                            "all"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     variants = json.loads(out.read_text())["variants"]
     assert list(variants) == ["left-uniform", "cyclic-sandwich", "cyclic-sandwich-ft50"]

@@ -295,6 +295,29 @@ def ground_truth_noise(rows: list[dict]) -> dict:
             "mean_abs_difference": float(np.mean(np.abs(a - b)))}
 
 
+def work_seconds(study: Study) -> dict:
+    """What each part of the study cost, summed over everything in the cache (so a rerun that
+    computes nothing still reports it): training seconds from each run's summary, and the wall
+    time of each rank and search stage (config.yaml written at its start, summary.json at its end).
+    Ground-truth runs that finished before summaries kept the time of every session, and were
+    resumed since, report under a second: they are counted as unrecorded."""
+    def train(paths: list[Path]) -> tuple[float, int]:
+        times = [float(json.loads(p.read_text()).get("train_seconds", 0.0)) for p in paths]
+        return sum(times), sum(t < 1.0 for t in times)  # < 1 s: a finished run resumed, no record
+
+    def stages(pattern: str) -> float:
+        return sum(p.stat().st_mtime - (p.parent / "config.yaml").stat().st_mtime
+                   for p in study.work.glob(pattern) if (p.parent / "config.yaml").is_file())
+
+    gt, unrecorded = train(sorted(study.work.glob("ground_truth/rank/ground_truth/*/seed*/summary.json")))
+    return {"ground truth training": round(gt, 1), "ground truth runs without a record": unrecorded,
+            "superformers": {p.parent.parent.name: round(json.loads(p.read_text())["train_seconds"], 1)
+                             for p in sorted(study.work.glob("supernets/*/supernet/summary.json"))},
+            "ranking": round(stages("supernets/*/rank-gt*/rank/summary.json"), 1),
+            "searches": round(stages("supernets/*/search-middle*/search/summary.json"), 1),
+            "end-to-end retraining": round(train(sorted(study.work.glob("retrain/*/retrain/summary.json")))[0], 1)}
+
+
 # ----------------------------------------------------------------------------- helpers
 def _retrain_epochs(study: Study) -> int:
     import yaml
@@ -480,7 +503,8 @@ def main() -> int:
     publish(result, study, start, args, done="all")
     print(table_markdown(result))
     print(result["summary_text"])
-    print("time spent: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))
+    print("time spent by this run: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()))
+    print("work in the cache: " + json.dumps(result["work_seconds"]))
     return 0
 
 
@@ -488,6 +512,7 @@ def publish(result: dict, study: Study, start: float, args: Any, done: str) -> N
     """Write the results so far (JSON and the doc's table), marking how far the study got."""
     result["completed"] = done
     result["seconds"] = {**{k: round(v, 1) for k, v in study.times.items()}, "total": round(time.time() - start, 1)}
+    result["work_seconds"] = work_seconds(study)
     result["summary_text"] = summarise(result)
     _write(args.out, result)
     if not args.no_doc:

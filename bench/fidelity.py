@@ -416,13 +416,25 @@ def summarise(result: dict) -> str:
                      f"{_num(res['params']['kendall_banded']['estimate'])}. "
                      + ("Its interval's lower end is above both baselines." if beats else
                         "It does NOT beat the size baselines with confidence."))
+    budget = result.get("budget")
+    if budget:
+        rnd = budget["random"]
+        lines.append(f"- End to end, MACs {budget['macs'][0]:,} to {budget['macs'][1]:,}: the median of "
+                     f"{len(rnd['top1'])} random architectures, retrained, is {rnd['median']:.2f} % (mean seed "
+                     f"spread {rnd['seed_spread']:.2f}); the GA's choice beats it by more than the seed spread "
+                     f"with {', '.join(n for n, v in budget['variants'].items() if v['beats_random']) or 'no variant'}.")
+    stability = result.get("stability")
+    if stability:
+        lines.append(f"- Stability: two {DEFAULT} superformers (supernet.seed 0 and 1) rank the architectures "
+                     f"with tau {stability['tau_between_seeds']:+.2f} to each other, "
+                     f"{stability['tau_vs_truth'][0]:+.2f} and {stability['tau_vs_truth'][1]:+.2f} to the ground truth.")
     noise = result.get("ground_truth_noise") or {}
     if noise:
         c = noise["kendall_seed0_vs_seed1"]
         lines.append(f"- The ground truth agrees with itself at tau {_cell(c)} (seed 0 against seed 1 of "
                      f"{noise['archs']} architectures, mean |difference| {noise['mean_abs_difference']:.2f} "
-                     "points): the seed mean is a noisy target, and no score can be ranked against it much "
-                     "more precisely than that.")
+                     "points): a score at that tau against the seed mean ranks about as well as a second "
+                     "training run of the ground truth would.")
     return "\n".join(lines)
 
 

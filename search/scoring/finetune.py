@@ -1,8 +1,9 @@
 """A few steps of fine-tuning of a subnet's inherited weights before it is scored.
 
 Inherited accuracy is biased against subnets far from the ones the sampler favours (on the
-fidelity data set: patch 8 and the narrowest embedding, whose shared blocks mostly see other
-token statistics; docs/FIDELITY.md). `search.finetune_steps` > 0 trains a COPY of each subnet
+fidelity data set: patch 8, whose shared blocks mostly see patch-4 tokens; docs/FIDELITY.md).
+Fine-tuning narrows that gap but, measured there at 50 and 200 steps, did not improve the ranking
+as a whole, so it is off by default. `search.finetune_steps` > 0 trains a COPY of each subnet
 (`Superformer.extract`) for that many steps on the superformer's own training images (train/
 minus the hold-out, training transform, constant learning rate, AdamW without weight decay)
 before the hold-out is scored; the superformer itself never changes. The images and their order

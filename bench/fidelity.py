@@ -353,6 +353,10 @@ def _num(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _signed(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:+.2f}"
+
+
 def _cell(c: dict) -> str:
     if c.get("estimate") is None:
         return "-"
@@ -426,8 +430,9 @@ def summarise(result: dict) -> str:
     stability = result.get("stability")
     if stability:
         lines.append(f"- Stability: two {DEFAULT} superformers (supernet.seed 0 and 1) rank the architectures "
-                     f"with tau {stability['tau_between_seeds']:+.2f} to each other, "
-                     f"{stability['tau_vs_truth'][0]:+.2f} and {stability['tau_vs_truth'][1]:+.2f} to the ground truth.")
+                     f"with tau {_signed(stability['tau_between_seeds'])} to each other, "
+                     f"{_signed(stability['tau_vs_truth'][0])} and {_signed(stability['tau_vs_truth'][1])} "
+                     "to the ground truth.")
     noise = result.get("ground_truth_noise") or {}
     if noise:
         c = noise["kendall_seed0_vs_seed1"]

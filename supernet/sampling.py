@@ -8,8 +8,8 @@ Sampling modes (`supernet.sampling`), each step's passes on the same batch:
 Options on top of every mode:
 - `supernet.cost_sampling: macs_bins` (ElasticViT's complexity-aware sampling): the random subnet
   is drawn by first picking one of `supernet.cost_bins` equal-width MACs bins uniformly, then an
-  architecture inside it, so every cost range is trained as often (uniform genes pile their sums
-  up in the middle of the range).
+  architecture inside it (from a pool drawn once), so every cost range is trained as often
+  (uniform genes pile their sums up in the middle of the range).
 - `supernet.distill` (BigNAS / AlphaNet in-place distillation): the max subnet teaches the
   others; a mode without a max pass gets one, first.
 - `supernet.max_warmup_epochs`: the first epochs train the max subnet alone.
@@ -67,21 +67,30 @@ def step_passes(space: SearchSpace, sampling: str, seed: int, step: int,
 
 class CostBins:
     """Equal-width MACs bins over the space's range; `draw(rng)` picks a bin uniformly, then an
-    architecture inside it (bins no architecture falls into are left out when built)."""
+    architecture inside it.
 
-    def __init__(self, space: SearchSpace, cost_fn: Callable[[dict], Any], bins: int, seed: int = 0):
-        self.space, self.cost_fn = space, cost_fn
+    Each bin's architectures come from one seeded pool of `pool` uniform draws over the genes,
+    made once: a draw never rejection-samples, so a bin that holds a sliver of the space (the
+    top MACs bin of a small space) cannot stall or fail training after hours; a bin the pool
+    misses is left out. Within a bin the draw is the genes' own distribution, restricted to it.
+    """
+
+    def __init__(self, space: SearchSpace, cost_fn: Callable[[dict], Any], bins: int, seed: int = 0,
+                 pool: int = 20000):
+        self.space = space
         lo, hi = space.cost_span(cost_fn)["macs"]
         edges = np.linspace(lo, hi, bins + 1)
-        self.bins: list[tuple[int, int]] = []
+        members: list[list[dict]] = [[] for _ in range(bins)]
         rng = np.random.default_rng(seed)
+        for _ in range(pool):
+            arch = space.sample(rng)
+            members[min(int(np.searchsorted(edges, cost_fn(arch).macs, side="right")) - 1, bins - 1)].append(arch)
+        self.bins: list[tuple[int, int]] = []
+        self.pools: list[list[dict]] = []
         for b in range(bins):
-            rng_bin = (int(edges[b]), int(edges[b + 1]) if b < bins - 1 else int(hi))
-            try:
-                space.sample_in_range(rng, cost_fn, macs=rng_bin, max_tries=2000)
-            except UserError:
-                continue
-            self.bins.append(rng_bin)
+            if members[b]:
+                self.bins.append((int(edges[b]), int(edges[b + 1]) if b < bins - 1 else int(hi)))
+                self.pools.append(members[b])
         if not self.bins:
             raise UserError("supernet.cost_sampling=macs_bins: no MACs bin of the space holds an architecture")
 
@@ -93,8 +102,9 @@ class CostBins:
         raise ValueError(f"{macs} MACs lie outside every bin")
 
     def draw(self, rng: np.random.Generator) -> dict:
-        lo, hi = self.bins[int(rng.integers(len(self.bins)))]
-        return self.space.sample_in_range(rng, self.cost_fn, macs=(lo, hi), max_tries=20000)
+        pool = self.pools[int(rng.integers(len(self.pools)))]
+        arch = pool[int(rng.integers(len(pool)))]
+        return {k: list(v) if isinstance(v, list) else v for k, v in arch.items()}  # the pool stays as drawn
 
 
 class SubnetSampler:

@@ -457,8 +457,6 @@ class Trainer:
         `log_every_steps`, saves every `save_every_steps` and at every epoch's end, after
         `on_epoch_end(epoch)` (validation; its scalars are logged).
         """
-        sec = self.section
-        sampler: GlobalBatchSampler = loader.batch_sampler  # type: ignore[assignment]
         self._fit_started = time.perf_counter()
         try:
             self._fit_epochs(loader, train_step, logger, on_epoch_end, on_epoch_start, desc)

@@ -54,32 +54,22 @@ def holdout_batches(cfg: Config, batch_size: int, device: torch.device | str = "
 
 
 def inherited_accuracy(model: Superformer, arch: dict, batches: Batches,
-                       device: torch.device | str = "cpu", passes: tuple[str, ...] = ("left",)) -> dict:
+                       device: torch.device | str = "cpu", passes: tuple[str, ...] = ("left",),
+                       finetuner: Optional[SubnetFinetuner] = None) -> dict:
     """`{"top1", "top5", "images"}` of `arch` with inherited weights, averaged over `passes`,
-    summed over all ranks (every rank must call this with the same architectures, in order)."""
+    summed over all ranks (every rank must call this with the same architectures, in order).
+    With a `finetuner`, of a copy of the subnet it fine-tuned (the superformer is left as it was)."""
     totals = {"top1": 0.0, "top5": 0.0}
     images = 0
-    with torch.inference_mode():
-        for side in passes:
-            model.set_active(arch, side)
-            acc = evaluate_accuracy(model, batches, device)
-            totals = {k: totals[k] + acc[k] / len(passes) for k in totals}
-            images = acc["images"]
-    return {**totals, "images": images}
-
-
-def finetuned_accuracy(model: Superformer, arch: dict, batches: Batches, finetuner: SubnetFinetuner,
-                       device: torch.device | str = "cpu", passes: tuple[str, ...] = ("left",)) -> dict:
-    """`inherited_accuracy` of copies of `arch`'s subnet fine-tuned by `finetuner` (one per pass);
-    the superformer is left as it was."""
-    totals = {"top1": 0.0, "top5": 0.0}
-    images = 0
-    key = model.space.key(arch)
     for side in passes:
-        static = model.extract(arch, side)
-        finetuner.finetune(static, key)
+        if finetuner is None:
+            model.set_active(arch, side)
+            net: torch.nn.Module = model
+        else:
+            net = model.extract(arch, side)
+            finetuner.finetune(net, model.space.key(arch))
         with torch.inference_mode():
-            acc = evaluate_accuracy(static, batches, device)
+            acc = evaluate_accuracy(net, batches, device)
         totals = {k: totals[k] + acc[k] / len(passes) for k in totals}
         images = acc["images"]
     return {**totals, "images": images}
@@ -141,10 +131,8 @@ class AccuracyScorer(Scorer):
     def compute(self, archs: list[dict]) -> list[dict]:
         """Inherited (or fine-tuned) accuracy of each architecture (collective: all ranks, same list)."""
         self.setup()
-        if self._finetuner is not None:
-            return [finetuned_accuracy(self._model, a, self._batches, self._finetuner, self.device, self.passes)
-                    for a in archs]
-        return [inherited_accuracy(self._model, a, self._batches, self.device, self.passes) for a in archs]
+        return [inherited_accuracy(self._model, a, self._batches, self.device, self.passes, self._finetuner)
+                for a in archs]
 
 
 def _default_device() -> torch.device:

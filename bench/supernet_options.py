@@ -64,6 +64,7 @@ OPTIONS: dict[str, list[str]] = {  # name: overrides of the fidelity-counting co
     "sandwich + grad_projection": ["supernet.sampling=sandwich", "supernet.grad_projection=true"],
     "sandwich + distill kl + grad_projection": ["supernet.sampling=sandwich", "supernet.distill=true",
                                                 "supernet.grad_projection=true"],
+    "sandwich + per-patch norms": ["supernet.sampling=sandwich", "space.norms=per_patch"],
     "uniform + ema": ["supernet.sampling=uniform", "supernet.ema=true"],
     "max warm-up step": ["supernet.sampling=uniform", "supernet.max_warmup_epochs=1"],
 }

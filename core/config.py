@@ -150,6 +150,9 @@ class SpaceConfig:
     # each of q, k and v; `prefix` takes bias[:3a] as AutoFormer does (left attention only).
     qkv_bias_slice: str = choice("groups", "groups", "prefix")
     norm_eps: Optional[float] = None  # LayerNorm eps; None: timm's 1e-6 (AutoFormer's spaces: torch's 1e-5)
+    # The superformer's LayerNorms: one shared by every patch size, or one per patch size (the
+    # switchable norms of slimmable networks), since each token grid trains its own statistics.
+    norms: str = choice("shared", "shared", "per_patch")
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
 
 

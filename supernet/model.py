@@ -2,7 +2,7 @@
 
 Mechanisms (DESIGN 3): channel policies per dimension (`supernet.channels`), a private stem
 (patch conv, class token, position embedding) per patch size with blocks shared by all patch
-sizes, q/k either entangled in one timm-style qkv (AutoFormer) or private per head count with a
+sizes, LayerNorms shared by all patch sizes or private to each (`space.norms`), q/k either entangled in one timm-style qkv (AutoFormer) or private per head count with a
 shared v (ViTAS), identity shifting through `SearchSpace.canonical`, the attention scale of the
 active head_dim, AutoFormer's 2-D relative positions, and class-token or mean pooling.
 The API follows Once-for-All: `set_active`, `sample`, `set_max`, `set_min`, `extract`.
@@ -45,6 +45,37 @@ class SuperStem(nn.Module):
         x = self.proj(x).flatten(2).transpose(1, 2)
         t = self.active_tensors()
         return torch.cat([t["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + t["pos_embed"]
+
+
+def layer_norms(space: SearchSpace) -> nn.Module:
+    """One LayerNorm of the superformer: an ElasticLayerNorm shared by every patch size, or (with
+    `space.norms: per_patch`) a ModuleDict of one per patch size, keyed by the size."""
+    if space.cfg.norms == "per_patch":
+        return nn.ModuleDict({str(p): ElasticLayerNorm(space.super_embed_dim, eps=space.norm_eps)
+                              for p in space.patch_sizes})
+    return ElasticLayerNorm(space.super_embed_dim, eps=space.norm_eps)
+
+
+def active_norm(norms: nn.Module, patch_size: int) -> ElasticLayerNorm:
+    """The LayerNorm that `layer_norms` built for `patch_size`."""
+    return norms[str(patch_size)] if isinstance(norms, nn.ModuleDict) else norms
+
+
+def norm_keys(key: str, space: SearchSpace) -> list[str]:
+    """The superformer state keys that a shared-norm key (`blocks.3.norm1.weight`, `norm.bias`)
+    stands for in `space`'s superformer: itself, or with `space.norms: per_patch` the key of every
+    patch size's norm (a weight imported from a one-norm model starts every one of them)."""
+    name, _, param = key.rpartition(".")
+    if space.cfg.norms != "per_patch" or not (name == "norm" or name.rpartition(".")[2] in ("norm1", "norm2")):
+        return [key]
+    return [f"{name}.{p}.{param}" for p in space.patch_sizes]
+
+
+def per_patch_norm_state(state: dict[str, torch.Tensor], space: SearchSpace) -> dict[str, torch.Tensor]:
+    """A shared-norm superformer state dict (a converted foreign supernet) under the keys of
+    `space`'s superformer (`norm_keys`)."""
+    return {k: v.clone() if len(keys) > 1 else v for key, v in state.items() for keys in [norm_keys(key, space)]
+            for k in keys}
 
 
 class SuperAttention(nn.Module):
@@ -117,28 +148,36 @@ class SuperBlock(nn.Module):
         super().__init__()
         c = space.cfg
         E = space.super_embed_dim
-        self.norm1 = ElasticLayerNorm(E, eps=space.norm_eps)
+        self.norm1 = layer_norms(space)
         self.attn = SuperAttention(E, space.super_attn_dim, space.head_choices, c.qk, c.qkv_bias,
                                    c.rel_pos, c.head_dim, c.rel_pos_max, c.qkv_bias_slice == "prefix")
-        self.norm2 = ElasticLayerNorm(E, eps=space.norm_eps)
+        self.norm2 = layer_norms(space)
         self.mlp = Mlp(E, space.super_mlp_dim, linear=ElasticLinear)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.patch_size = space.patch_sizes[0]
 
-    def set_active(self, embed: ChannelSet, attn: ChannelSet, mlp: ChannelSet, heads: int) -> None:
-        """Activate this block's channel sets and head count."""
-        self.norm1.set_channels(embed)
-        self.norm2.set_channels(embed)
+    def set_active(self, embed: ChannelSet, attn: ChannelSet, mlp: ChannelSet, heads: int,
+                   patch_size: int) -> None:
+        """Activate this block's channel sets, head count and the norms of `patch_size`."""
+        self.patch_size = patch_size
+        self.active_norms()[0].set_channels(embed)
+        self.active_norms()[1].set_channels(embed)
         self.attn.set_active(embed, attn, heads)
         self.mlp.fc1.set_channels(embed, mlp)
         self.mlp.fc2.set_channels(mlp, embed)
 
+    def active_norms(self) -> tuple[ElasticLayerNorm, ElasticLayerNorm]:
+        """The active patch size's (norm1, norm2)."""
+        return active_norm(self.norm1, self.patch_size), active_norm(self.norm2, self.patch_size)
+
     def active_modules(self) -> list[nn.Module]:
         """The submodules the active subnet uses."""
-        return [self.norm1, self.norm2, self.mlp] + self.attn.active_modules()
+        return [*self.active_norms(), self.mlp] + self.attn.active_modules()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        norm1, norm2 = self.active_norms()
+        x = x + self.drop_path(self.attn(norm1(x)))
+        return x + self.drop_path(self.mlp(norm2(x)))
 
 
 class Superformer(ExplicitAttention, nn.Module):
@@ -155,7 +194,7 @@ class Superformer(ExplicitAttention, nn.Module):
         depth = space.super_depth
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(SuperBlock(space, rates[i]) for i in range(depth))
-        self.norm = ElasticLayerNorm(E, eps=space.norm_eps)
+        self.norm = layer_norms(space)
         self.head = ElasticLinear(E, num_classes)
         self.policies = {
             dim: ChannelPolicy(getattr(c.channels, dim), space.super_width(dim), space.widths(dim))
@@ -183,8 +222,9 @@ class Superformer(ExplicitAttention, nn.Module):
                 self.policies["attn"].select(arch["attn_dim"][i], side),
                 self.policies["mlp"].select(arch["mlp_dim"][i], side),
                 arch["num_heads"][i],
+                arch["patch_size"],
             )
-        self.norm.set_channels(embed)
+        active_norm(self.norm, arch["patch_size"]).set_channels(embed)
         self.head.set_channels(embed, None)
         self._arch, self._side = arch, side
 
@@ -214,7 +254,8 @@ class Superformer(ExplicitAttention, nn.Module):
 
     def active_modules(self) -> list[nn.Module]:
         """Modules the active subnet uses (some only in part)."""
-        mods: list[nn.Module] = [self.stems[str(self._arch["patch_size"])], self.norm, self.head]
+        patch = self._arch["patch_size"]
+        mods: list[nn.Module] = [self.stems[str(patch)], active_norm(self.norm, patch), self.head]
         for block in self.blocks[: self._arch["depth"]]:
             mods += block.active_modules()
         return mods
@@ -235,7 +276,7 @@ class Superformer(ExplicitAttention, nn.Module):
         x = self.stems[str(self._arch["patch_size"])](x)
         for block in self.blocks[: self._arch["depth"]]:
             x = block(x)
-        return self.norm(x)
+        return active_norm(self.norm, self._arch["patch_size"])(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(x)
@@ -270,8 +311,9 @@ class Superformer(ExplicitAttention, nn.Module):
         out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = stem.proj.active_weight()
         for i, block in enumerate(self.blocks[: self._arch["depth"]]):
             pre = f"blocks.{i}."
-            out[pre + "norm1.weight"], out[pre + "norm1.bias"] = block.norm1.active_weight()
-            out[pre + "norm2.weight"], out[pre + "norm2.bias"] = block.norm2.active_weight()
+            norm1, norm2 = block.active_norms()
+            out[pre + "norm1.weight"], out[pre + "norm1.bias"] = norm1.active_weight()
+            out[pre + "norm2.weight"], out[pre + "norm2.bias"] = norm2.active_weight()
             out[pre + "attn.qkv.weight"], out[pre + "attn.qkv.bias"] = block.attn.active_qkv()
             out[pre + "attn.proj.weight"], out[pre + "attn.proj.bias"] = block.attn.proj.active_weight()
             out[pre + "mlp.fc1.weight"], out[pre + "mlp.fc1.bias"] = block.mlp.fc1.active_weight()
@@ -280,6 +322,6 @@ class Superformer(ExplicitAttention, nn.Module):
                 for name in ("rel_pos_k", "rel_pos_v"):
                     for t in ("table_v", "table_h"):
                         out[f"{pre}attn.{name}.{t}"] = getattr(getattr(block.attn, name), t)
-        out["norm.weight"], out["norm.bias"] = self.norm.active_weight()
+        out["norm.weight"], out["norm.bias"] = active_norm(self.norm, self._arch["patch_size"]).active_weight()
         out["head.weight"], out["head.bias"] = self.head.active_weight()
         return {k: v.detach().clone() for k, v in out.items() if v is not None}

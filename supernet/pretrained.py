@@ -25,6 +25,7 @@ from torch import nn
 
 from vitas.core.checkpoint import load_checkpoint
 from vitas.core.errors import UserError
+from vitas.supernet.model import norm_keys
 
 # Entries under which checkpoint files keep their weights, tried in this order.
 WEIGHT_ENTRIES = ("model", "state_dict", "module")
@@ -299,7 +300,8 @@ def superformer_state_from_timm(model: nn.Module, weights: dict[str, torch.Tenso
         m = torch.tensor(model.policies["mlp"].select(m_width).indices())
         for norm in ("norm1", "norm2"):
             for p in ("weight", "bias"):
-                _place(state[f"{b}{norm}.{p}"], weights[f"{b}{norm}.{p}"], e)
+                for key in norm_keys(f"{b}{norm}.{p}", model.space):
+                    _place(state[key], weights[f"{b}{norm}.{p}"], e)
         qkv_w = weights[b + "attn.qkv.weight"].reshape(3, a_width, vit.embed_dim)
         qkv_b = (weights[b + "attn.qkv.bias"].reshape(3, a_width) if vit.qkv_bias
                  else torch.zeros(3, a_width, dtype=qkv_w.dtype))
@@ -325,7 +327,8 @@ def superformer_state_from_timm(model: nn.Module, weights: dict[str, torch.Tenso
             for table in ("rel_pos_k.table_v", "rel_pos_k.table_h", "rel_pos_v.table_v", "rel_pos_v.table_h"):
                 state[f"{b}attn.{table}"].zero_()
     for p in ("weight", "bias"):
-        _place(state[f"norm.{p}"], weights[f"norm.{p}"], e)
+        for key in norm_keys(f"norm.{p}", model.space):
+            _place(state[key], weights[f"norm.{p}"], e)
     if vit.num_classes == model.num_classes:
         _place(state["head.weight"], weights["head.weight"], None, e)
         state["head.bias"].copy_(weights["head.bias"])

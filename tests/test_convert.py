@@ -226,10 +226,13 @@ def test_autoformer_subnet_converts_exactly(tmp_path: Path, arch: dict):
         assert (wrong(x) - want).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("arch", AF_MAX_HEADS, ids=lambda a: f"E{a['embed_dim']}-d{a['depth']}")
-def test_autoformer_supernet_becomes_a_superformer(tmp_path: Path, arch: dict):
+@pytest.mark.parametrize("arch,norms", [(a, "shared") for a in AF_MAX_HEADS] + [(AF_MAX_HEADS[-1], "per_patch")],
+                         ids=lambda a: f"E{a['embed_dim']}-d{a['depth']}" if isinstance(a, dict) else a)
+def test_autoformer_supernet_becomes_a_superformer(tmp_path: Path, arch: dict, norms: str):
+    """Every subnet computes what AutoFormer's does, also when the space keeps its LayerNorms per
+    patch size (under other keys: AutoFormer's one patch size)."""
     w = autoformer_file(tmp_path / "supernet.pth")
-    cfg = Config(space=autoformer_space())
+    cfg = Config(space=autoformer_space(norms=norms))
     converted = convert(tmp_path / "supernet.pth", cfg=cfg)
     ckpt = converted.checkpoint
     assert converted.kind == "superformer" and ckpt["epoch"] == 10 and ckpt["ema"] is None
@@ -516,12 +519,13 @@ def deit_space(policy: str, qk: str = "entangled", **changes) -> SearchSpace:
     return SearchSpace(SpaceConfig(**{**base, **changes}))
 
 
-@pytest.mark.parametrize("policy,qk", [("left", "entangled"), ("cyclic", "entangled"), ("cyclic", "private"),
-                                       ("bilateral", "entangled")])
-def test_superformer_starts_as_deit(tmp_path: Path, policy: str, qk: str):
+@pytest.mark.parametrize("policy,qk,norms", [("left", "entangled", "shared"), ("cyclic", "entangled", "shared"),
+                                             ("cyclic", "private", "shared"), ("bilateral", "entangled", "shared"),
+                                             ("cyclic", "private", "per_patch")])
+def test_superformer_starts_as_deit(tmp_path: Path, policy: str, qk: str, norms: str):
     deit = timm_model()
     torch.save({"model": deit.state_dict()}, tmp_path / "deit-tiny-like.pth")
-    space = deit_space(policy, qk)
+    space = deit_space(policy, qk, norms=norms)
     model = Superformer(space, 10).to(F64).eval()
     notes = init_from_timm(model, tmp_path / "deit-tiny-like.pth")
     arch = {"patch_size": 4, "embed_dim": 128, "depth": 2, "num_heads": [2, 2], "attn_dim": [128, 128],
@@ -534,6 +538,9 @@ def test_superformer_starts_as_deit(tmp_path: Path, policy: str, qk: str):
     with torch.no_grad():
         assert (model(x) - deit(x)).abs().max() < 1e-12
     assert ("bilateral dimensions: the weights sit on the left pass" in notes) == (policy == "bilateral")
+    if norms == "per_patch":  # the other patch size's norms start as DeiT's too
+        assert torch.equal(model.blocks[1].norm2["8"].weight, model.blocks[1].norm2["4"].weight)
+        assert torch.equal(model.norm["8"].bias, model.norm["4"].bias)
 
 
 def test_superformer_init_resizes_head_and_refuses_other_grids(tmp_path: Path):

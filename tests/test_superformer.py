@@ -9,20 +9,21 @@ from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitas.core.config import ChannelsConfig, SpaceConfig, load_config
+from vitas.core.errors import UserError
 from vitas.supernet.channels import ChannelPolicy
 from vitas.supernet.layers import ElasticLinear
-from vitas.supernet.model import Superformer
+from vitas.supernet.model import Superformer, active_norm, per_patch_norm_state
 from vitas.supernet.space import SearchSpace
 
 from vitas.core.config import POLICIES
 
 
-def vitas_space(policy: str = "cyclic") -> SearchSpace:
+def vitas_space(policy: str = "cyclic", norms: str = "shared") -> SearchSpace:
     """Tiny ViTAS-like space: 2 patch sizes, identities, private q/k, per-layer attn widths."""
     return SearchSpace(SpaceConfig(
         name="tiny-vitas", img_size=32, patch_size=[8, 16], embed_dim=[16, 24, 32], depth=[2, 3, 4],
         identity=True, num_heads=[2, 4], attn_dim=[16, 24, 32], mlp_dim=[32, 48, 64], qk="private",
-        pool="cls", channels=ChannelsConfig(policy, policy, policy)))
+        pool="cls", norms=norms, channels=ChannelsConfig(policy, policy, policy)))
 
 
 def autoformer_space(policy: str = "left") -> SearchSpace:
@@ -34,7 +35,8 @@ def autoformer_space(policy: str = "left") -> SearchSpace:
         channels=ChannelsConfig(policy, policy, policy)))
 
 
-SPACES = {"vitas": vitas_space, "autoformer": autoformer_space}
+SPACES = {"vitas": vitas_space, "autoformer": autoformer_space,
+          "vitas-per-patch-norms": lambda policy: vitas_space(policy, norms="per_patch")}
 
 
 def build(space: SearchSpace, seed: int = 0, **kw) -> Superformer:
@@ -200,7 +202,7 @@ def test_gradients_stay_inside_active_slices(name: str, policy: str, side: str):
         stem.proj.weight: _mask(stem.proj.weight.shape, d0=E),
         stem.cls_token: _mask(stem.cls_token.shape, d2=E),
         stem.pos_embed: _mask(stem.pos_embed.shape, d2=E),
-        model.norm.weight: _mask(model.norm.weight.shape, d0=E),
+        active_norm(model.norm, arch["patch_size"]).weight: _mask((space.super_embed_dim,), d0=E),
         model.head.weight: _mask(model.head.weight.shape, d1=E),
     }
     super_attn = space.super_attn_dim
@@ -221,7 +223,7 @@ def test_gradients_stay_inside_active_slices(name: str, policy: str, side: str):
         expected[at.proj.weight] = _mask(at.proj.weight.shape, d0=E, d1=A)
         expected[block.mlp.fc1.weight] = _mask(block.mlp.fc1.weight.shape, d0=M, d1=E)
         expected[block.mlp.fc2.weight] = _mask(block.mlp.fc2.weight.shape, d0=E, d1=M)
-        expected[block.norm1.bias] = _mask(block.norm1.bias.shape, d0=E)
+        expected[block.active_norms()[0].bias] = _mask((space.super_embed_dim,), d0=E)
     for p, mask in expected.items():
         assert p.grad is not None
         assert not p.grad[~mask].any(), "gradient outside the active slice"
@@ -304,6 +306,32 @@ def test_state_dict_keys_and_api():
     vit = build(vitas_space())
     assert "blocks.0.attn.q.2.weight" in vit.state_dict() and "blocks.0.attn.v.weight" in vit.state_dict()
     assert isinstance(vit.blocks[0].attn.q["4"], ElasticLinear)
+
+
+def test_per_patch_norms_are_private_and_start_from_a_shared_norm():
+    """`space.norms: per_patch`: one LayerNorm per patch size, trained only by its own patch size;
+    a shared-norm superformer's weights, expanded by `per_patch_norm_state`, compute the same for
+    every subnet; a checkpoint recorded before the field existed reads as `shared`."""
+    shared, private = build(vitas_space()), build(vitas_space(norms="per_patch"), seed=1)
+    keys = private.state_dict().keys()
+    assert {"blocks.0.norm1.8.weight", "blocks.0.norm2.16.bias", "norm.16.weight"} <= keys
+    assert "blocks.0.norm1.weight" not in keys and "blocks.0.norm1.weight" in shared.state_dict()
+    private.load_state_dict(per_patch_norm_state(shared.state_dict(), private.space))
+    x, rng = torch.randn(2, 3, 32, 32), random.Random(2)
+    with torch.no_grad():
+        for _ in range(10):
+            arch = shared.sample(rng)
+            private.set_active(arch)
+            torch.testing.assert_close(private(x), shared(x), atol=1e-6, rtol=1e-6)
+    private.train().set_active({**private.space.max_arch(), "patch_size": 8})
+    private(x).sum().backward()
+    assert private.blocks[0].norm1["8"].weight.grad is not None
+    assert private.blocks[0].norm1["16"].weight.grad is None and private.norm["16"].bias.grad is None
+    recorded = shared.space.spec()
+    del recorded["norms"]
+    shared.space.check_spec(recorded)
+    with pytest.raises(UserError, match="'norms' is 'shared' there but 'per_patch'"):
+        private.space.check_spec(recorded)
 
 
 def test_tokens_and_tables_are_exempt_from_weight_decay():

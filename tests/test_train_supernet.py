@@ -122,10 +122,11 @@ def kill_at(yaml_path: Path, log: Path, step: int, timeout: float = 180) -> None
         proc.wait()
 
 
+# name -> (supernet options, space changes)
 OPTION_SETS = {
-    "sandwich-distill": {"distill": True},
-    "uniform-options": {"sampling": "uniform", "distill": True, "distill_loss": "alpha",
-                        "cost_sampling": "macs_bins", "cost_bins": 3, "grad_projection": True},
+    "sandwich-distill-per-patch-norms": ({"distill": True}, {"norms": "per_patch"}),
+    "uniform-options": ({"sampling": "uniform", "distill": True, "distill_loss": "alpha",
+                         "cost_sampling": "macs_bins", "cost_bins": 3, "grad_projection": True}, {}),
 }
 
 
@@ -135,7 +136,8 @@ def test_sigkill_at_three_random_steps_resumes_bitwise(tmp_path: Path, tiny_digi
     and started again with the same command, the run ends with exactly the weights of an
     uninterrupted one."""
     tree = tiny_config(tmp_path / "straight", tiny_digits, augment=True, save_every_steps=1,
-                       deterministic=True, ema=True, ema_decay=0.9, drop_path=0.1, **OPTION_SETS[options])
+                       deterministic=True, ema=True, ema_decay=0.9, drop_path=0.1, **OPTION_SETS[options][0])
+    tree["space"] = {**tree["space"], **OPTION_SETS[options][1]}
     tree["data"]["mixup"] = 0.8  # RandAugment, random erasing, Mixup and CutMix all on
     # Magnitude capped at 9: at 10 timm's increasing posterize keeps 0 bits, which Pillow >= 11 refuses.
     tree["data"]["auto_augment"] = "rand-m9-mstd0.5-inc1-mmax9"
@@ -155,6 +157,7 @@ def test_sigkill_at_three_random_steps_resumes_bitwise(tmp_path: Path, tiny_digi
     a = load_checkpoint(tmp_path / "straight" / "supernet" / "last.pth")
     b = load_checkpoint(tmp_path / "killed" / "supernet" / "last.pth")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 10)
+    assert ("blocks.0.norm1.8.weight" in a["model"]) == bool(OPTION_SETS[options][1])  # the space took
     ta, tb = state_tensors(a), state_tensors(b)
     assert ta.keys() == tb.keys()
     differ = [k for k in ta if not torch.equal(ta[k], tb[k])]

@@ -224,6 +224,9 @@ class SupernetConfig(TrainingRecipe):
     cost_bins: int = at_least(8, 1)
     grad_projection: bool = False  # NASViT: project the others' gradient off a conflict with the max subnet's
     max_warmup_epochs: int = at_least(0, 0)  # first epochs train the max subnet alone
+    # The max and min passes take the patch sizes in turn, step by step (each token grid gets its
+    # own largest and smallest subnet); off, the max subnet always has the smallest patch.
+    patch_cycle: bool = False
     val_random_archs: int = at_least(3, 0)
     checkpoint: Optional[str] = None  # default: <output_dir>/supernet/last.pth
     weights: str = choice("auto", "auto", "ema", "raw")  # auto: EMA when the checkpoint has it

@@ -13,6 +13,9 @@ Options on top of every mode:
 - `supernet.distill` (BigNAS / AlphaNet in-place distillation): the max subnet teaches the
   others; a mode without a max pass gets one, first.
 - `supernet.max_warmup_epochs`: the first epochs train the max subnet alone.
+- `supernet.patch_cycle`: after the warm-up, the max and min passes of step t take patch size
+  t mod (number of patch sizes); the space's max subnet has the smallest patch and its min the
+  largest, so without it one token grid only ever gets the max subnet's gradient.
 Every rank takes the same passes at every step: they are drawn from a generator seeded by
 (seed, global step) alone.
 """
@@ -122,6 +125,10 @@ class SubnetSampler:
                              self.bins.draw if self.bins else None)
         if self.sec.distill and passes[0].name != "max":
             passes = [Pass("max", self.space.max_arch())] + passes
+        if self.sec.patch_cycle:
+            patch = self.space.patch_sizes[step % len(self.space.patch_sizes)]
+            passes = [Pass(p.name, {**p.arch, "patch_size": patch}, p.side) if p.name in ("max", "min") else p
+                      for p in passes]
         return passes
 
 

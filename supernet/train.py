@@ -57,6 +57,10 @@ def check(cfg: Config) -> None:
         raise UserError(f"supernet.grad_projection projects onto the max subnet's gradient, which "
                         f"supernet.sampling={sec.sampling} without supernet.distill never computes: "
                         f"use sampling=sandwich or distill=true")
+    if sec.patch_cycle and not (sec.sampling == "sandwich" or sec.distill):
+        raise UserError(f"supernet.patch_cycle cycles the patch size of the max and min passes, which "
+                        f"supernet.sampling={sec.sampling} without supernet.distill does not take: "
+                        f"use sampling=sandwich or distill=true")
     if sec.max_warmup_epochs >= sec.epochs:
         raise UserError(f"supernet.max_warmup_epochs={sec.max_warmup_epochs} leaves no epoch for the "
                         f"other subnets (supernet.epochs={sec.epochs})")

@@ -21,6 +21,9 @@ CASES = {  # name: (arguments after `vitas`, text the error must contain); {data
     "train-supernet, projection without a max pass": (
         ["train-supernet", "data.root={data}", "supernet.grad_projection=true", "supernet.sampling=uniform"],
         "supernet.grad_projection"),
+    "train-supernet, patch cycle without a max pass": (
+        ["train-supernet", "data.root={data}", "supernet.patch_cycle=true", "supernet.sampling=uniform"],
+        "supernet.patch_cycle"),
     "search, no superformer": (["search", "data.root={data}"], "checkpoint not found"),
     "search, infeasible budget": (["search", "data.root={data}", "search.scorer=proxy",
                                    "search.macs_min=5", "search.macs_max=10"], "no architecture has macs"),

@@ -80,6 +80,23 @@ def test_distillation_adds_the_teacher_to_every_sampler() -> None:
     assert [p.name for p in sampler(sampling="uniform").passes(4, 1)] == ["rand"]
 
 
+def test_patch_cycle_gives_each_patch_size_the_max_and_min_passes_in_turn() -> None:
+    space = tiny_space()
+    s = sampler(sampling="sandwich", patch_cycle=True, max_warmup_epochs=1)
+    assert s.passes(3, 0)[0].arch == space.max_arch()  # the warm-up keeps the space's max subnet
+    seen: Counter = Counter()
+    for step in range(40):
+        passes = s.passes(step, 1)
+        plain = sampler(sampling="sandwich").passes(step, 1)
+        assert [p.name for p in passes] == ["max", "min", "rand"] and passes[2] == plain[2]
+        for p, q in zip(passes[:2], plain[:2]):
+            assert p.arch == {**q.arch, "patch_size": p.arch["patch_size"]}
+        assert passes[0].arch["patch_size"] == passes[1].arch["patch_size"]
+        seen[passes[0].arch["patch_size"]] += 1
+    assert seen == {8: 20, 16: 20} and space.max_arch()["patch_size"] == 8
+    assert sampler(sampling="sandwich", patch_cycle=True).passes(5, 1) == s.passes(5, 1)  # step alone
+
+
 def test_max_warmup_trains_the_max_subnet_alone_first() -> None:
     s = sampler(sampling="sandwich", max_warmup_epochs=1)
     assert [p.name for p in s.passes(3, 0)] == ["max"]

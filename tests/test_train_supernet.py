@@ -124,7 +124,7 @@ def kill_at(yaml_path: Path, log: Path, step: int, timeout: float = 180) -> None
 
 # name -> (supernet options, space changes)
 OPTION_SETS = {
-    "sandwich-distill-per-patch-norms": ({"distill": True}, {"norms": "per_patch"}),
+    "sandwich-distill-per-patch-norms": ({"distill": True, "patch_cycle": True}, {"norms": "per_patch"}),
     "uniform-options": ({"sampling": "uniform", "distill": True, "distill_loss": "alpha",
                          "cost_sampling": "macs_bins", "cost_bins": 3, "grad_projection": True}, {}),
 }

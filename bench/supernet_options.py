@@ -66,6 +66,7 @@ OPTIONS: dict[str, list[str]] = {  # name: overrides of the fidelity-counting co
                                                 "supernet.grad_projection=true"],
     "sandwich + per-patch norms": ["supernet.sampling=sandwich", "space.norms=per_patch"],
     "sandwich + patch cycle": ["supernet.sampling=sandwich", "supernet.patch_cycle=true"],
+    "sandwich, identity shifting off": ["supernet.sampling=sandwich", "supernet.identity_shift=false"],
     "uniform + ema": ["supernet.sampling=uniform", "supernet.ema=true"],
     "max warm-up step": ["supernet.sampling=uniform", "supernet.max_warmup_epochs=1"],
 }

@@ -9,7 +9,7 @@ The API follows Once-for-All: `set_active`, `sample`, `set_max`, `set_min`, `ext
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from timm.layers import DropPath
@@ -202,6 +202,7 @@ class Superformer(ExplicitAttention, nn.Module):
         }
         init_vit_weights(self)
         self._arch: dict = {}
+        self._layers: list[int] = []
         self._side = "left"
         self.set_max()
 
@@ -210,14 +211,19 @@ class Superformer(ExplicitAttention, nn.Module):
         return no_weight_decay_names(self)
 
     # ------------------------------------------------------------------ activation
-    def set_active(self, arch: dict, side: str = "left") -> None:
+    def set_active(self, arch: dict, side: str = "left", layers: Optional[Sequence[int]] = None) -> None:
         """Activate `arch` (canonicalised: identities shifted to the end). `side="right"` is the
-        bilateral right pass; it changes only dimensions whose policy is `bilateral`."""
+        bilateral right pass; it changes only dimensions whose policy is `bilateral`. `layers`
+        (ascending block indices, one per layer) runs the layers on other blocks than the first
+        `depth`: training without identity shifting (`supernet.identity_shift: false`)."""
         arch = self.space.canonical(arch)
+        layers = list(range(arch["depth"])) if layers is None else [int(j) for j in layers]
+        if len(layers) != arch["depth"] or layers != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < len(self.blocks):
+            raise ValueError(f"layers {layers} are not {arch['depth']} ascending block indices")
         embed = self.policies["embed"].select(arch["embed_dim"], side)
         self.stems[str(arch["patch_size"])].set_channels(embed)
-        for i in range(arch["depth"]):
-            self.blocks[i].set_active(
+        for i, j in enumerate(layers):
+            self.blocks[j].set_active(
                 embed,
                 self.policies["attn"].select(arch["attn_dim"][i], side),
                 self.policies["mlp"].select(arch["mlp_dim"][i], side),
@@ -226,7 +232,7 @@ class Superformer(ExplicitAttention, nn.Module):
             )
         active_norm(self.norm, arch["patch_size"]).set_channels(embed)
         self.head.set_channels(embed, None)
-        self._arch, self._side = arch, side
+        self._arch, self._side, self._layers = arch, side, layers
 
     def sample(self, rng: Any, side: str = "left") -> dict:
         """Sample an architecture from the space (`random.Random` or NumPy Generator), activate it."""
@@ -248,6 +254,11 @@ class Superformer(ExplicitAttention, nn.Module):
         return {k: list(v) if isinstance(v, list) else v for k, v in self._arch.items()}
 
     @property
+    def active_layers(self) -> list[int]:
+        """The blocks the active layers run on (the first `depth` unless `set_active` said others)."""
+        return list(self._layers)
+
+    @property
     def active_side(self) -> str:
         """The active pass, `left` or `right`."""
         return self._side
@@ -256,8 +267,8 @@ class Superformer(ExplicitAttention, nn.Module):
         """Modules the active subnet uses (some only in part)."""
         patch = self._arch["patch_size"]
         mods: list[nn.Module] = [self.stems[str(patch)], active_norm(self.norm, patch), self.head]
-        for block in self.blocks[: self._arch["depth"]]:
-            mods += block.active_modules()
+        for j in self._layers:
+            mods += self.blocks[j].active_modules()
         return mods
 
     def active_parameters(self) -> Iterator[nn.Parameter]:
@@ -274,8 +285,8 @@ class Superformer(ExplicitAttention, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Active tokens after the final norm."""
         x = self.stems[str(self._arch["patch_size"])](x)
-        for block in self.blocks[: self._arch["depth"]]:
-            x = block(x)
+        for j in self._layers:
+            x = self.blocks[j](x)
         return active_norm(self.norm, self._arch["patch_size"])(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,12 +301,13 @@ class Superformer(ExplicitAttention, nn.Module):
         """A StaticViT of `arch` on pass `side` with COPIED weights; the active subnet is left as
         it was. It computes what this superformer computes with `arch` active (eval).
 
-        Defaults: the active architecture on the active side; a given `arch` on the left side, so
-        the result never depends on which pass happened to be active before."""
-        previous = (self._arch, self._side)
+        Defaults: the active architecture on the active side and blocks; a given `arch` on the
+        left side and the first `depth` blocks, so the result never depends on which pass happened
+        to be active before."""
+        previous = (self._arch, self._side, self._layers)
         if side is None:
             side = self._side if arch is None else "left"
-        self.set_active(arch if arch is not None else self._arch, side)
+        self.set_active(arch if arch is not None else self._arch, side, self._layers if arch is None else None)
         try:
             static = StaticViT(**self.space.model_args(self._arch, self.num_classes))
             static.load_state_dict(self._active_state_dict())
@@ -309,7 +321,7 @@ class Superformer(ExplicitAttention, nn.Module):
         stem = self.stems[str(self._arch["patch_size"])]
         out: dict[str, Optional[torch.Tensor]] = dict(stem.active_tensors())
         out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = stem.proj.active_weight()
-        for i, block in enumerate(self.blocks[: self._arch["depth"]]):
+        for i, block in enumerate(self.blocks[j] for j in self._layers):
             pre = f"blocks.{i}."
             norm1, norm2 = block.active_norms()
             out[pre + "norm1.weight"], out[pre + "norm1.bias"] = norm1.active_weight()

@@ -13,6 +13,9 @@ Options on top of every mode:
 - `supernet.distill` (BigNAS / AlphaNet in-place distillation): the max subnet teaches the
   others; a mode without a max pass gets one, first.
 - `supernet.max_warmup_epochs`: the first epochs train the max subnet alone.
+- `supernet.identity_shift: false` (ViTAS's identity shifting off): each pass's d layers run on d
+  blocks drawn uniformly among the stack's (as identity layers at random places would leave
+  them), instead of blocks 0..d-1; the subnets drawn are the same.
 - `supernet.patch_cycle`: after the warm-up, the max and min passes of step t take patch size
   t mod (number of patch sizes); the space's max subnet has the smallest patch and its min the
   largest, so without it one token grid only ever gets the max subnet's gradient.
@@ -21,7 +24,7 @@ Every rank takes the same passes at every step: they are drawn from a generator 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,16 +34,18 @@ from vitas.core.engine import derive_seed
 from vitas.core.errors import UserError
 from vitas.supernet.space import SearchSpace
 
-_STEP_STREAM, _VAL_STREAM = 1, 2  # separate seed streams: per-step subnets, validation subnets
+_STEP_STREAM, _VAL_STREAM, _LAYER_STREAM = 1, 2, 3  # seed streams: step subnets, validation, blocks
 
 
 @dataclass(frozen=True)
 class Pass:
-    """One forward/backward of a step: a subnet on one side, named for its logged loss."""
+    """One forward/backward of a step: a subnet on one side (on blocks `layers`, default the first
+    `depth`), named for its logged loss."""
 
     name: str
     arch: dict
     side: str = "left"
+    layers: Optional[tuple[int, ...]] = None
 
 
 def is_bilateral(space: SearchSpace) -> bool:
@@ -127,9 +132,17 @@ class SubnetSampler:
             passes = [Pass("max", self.space.max_arch())] + passes
         if self.sec.patch_cycle:
             patch = self.space.patch_sizes[step % len(self.space.patch_sizes)]
-            passes = [Pass(p.name, {**p.arch, "patch_size": patch}, p.side) if p.name in ("max", "min") else p
+            passes = [replace(p, arch={**p.arch, "patch_size": patch}) if p.name in ("max", "min") else p
                       for p in passes]
+        if not self.sec.identity_shift:
+            rng = np.random.default_rng(derive_seed(self.sec.seed, _LAYER_STREAM, step))
+            passes = [replace(p, layers=self._blocks(rng, self.space.canonical(p.arch)["depth"])) for p in passes]
         return passes
+
+
+    def _blocks(self, rng: np.random.Generator, depth: int) -> tuple[int, ...]:
+        """`depth` distinct blocks of the stack, drawn uniformly, ascending."""
+        return tuple(int(j) for j in np.sort(rng.choice(self.space.super_depth, depth, replace=False)))
 
 
 def validation_archs(space: SearchSpace, count: int, seed: int) -> dict[str, dict]:

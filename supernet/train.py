@@ -61,6 +61,9 @@ def check(cfg: Config) -> None:
         raise UserError(f"supernet.patch_cycle cycles the patch size of the max and min passes, which "
                         f"supernet.sampling={sec.sampling} without supernet.distill does not take: "
                         f"use sampling=sandwich or distill=true")
+    if not sec.identity_shift and not cfg.space.identity:
+        raise UserError("supernet.identity_shift=false places identity layers anywhere in the stack; "
+                        "this space has none (space.identity: false)")
     if sec.max_warmup_epochs >= sec.epochs:
         raise UserError(f"supernet.max_warmup_epochs={sec.max_warmup_epochs} leaves no epoch for the "
                         f"other subnets (supernet.epochs={sec.epochs})")
@@ -122,11 +125,11 @@ def make_train_step(trainer: Trainer, sampler: SubnetSampler, space: SearchSpace
             images, target = mixup(images, target)
         passes = sampler.passes(trainer.global_step, trainer.epoch)
         if sec.log_every_steps and (trainer.global_step + 1) % sec.log_every_steps == 0:
-            check_same_across_ranks([(space.key(p.arch), p.side) for p in passes], "the step's subnets")
+            check_same_across_ranks([(space.key(p.arch), p.side, p.layers) for p in passes], "the step's subnets")
         project = sec.grad_projection and passes[0].name == "max" and len(passes) > 1
         scalars, total, soft, first = {}, 0.0, None, None
         for i, p in enumerate(passes):
-            model.set_active(p.arch, p.side)
+            model.set_active(p.arch, p.side, p.layers)
             with trainer.accumulate(last=i == len(passes) - 1 and not project):
                 with trainer.autocast():
                     logits = trainer.wrapped(images)

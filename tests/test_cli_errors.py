@@ -21,6 +21,9 @@ CASES = {  # name: (arguments after `vitas`, text the error must contain); {data
     "train-supernet, projection without a max pass": (
         ["train-supernet", "data.root={data}", "supernet.grad_projection=true", "supernet.sampling=uniform"],
         "supernet.grad_projection"),
+    "train-supernet, identity shifting off without identities": (
+        ["train-supernet", "data.root={data}", "supernet.identity_shift=false", "space.identity=false"],
+        "supernet.identity_shift"),
     "train-supernet, patch cycle without a max pass": (
         ["train-supernet", "data.root={data}", "supernet.patch_cycle=true", "supernet.sampling=uniform"],
         "supernet.patch_cycle"),

@@ -308,6 +308,31 @@ def test_state_dict_keys_and_api():
     assert isinstance(vit.blocks[0].attn.q["4"], ElasticLinear)
 
 
+def test_layers_run_an_architecture_on_other_blocks():
+    """Without identity shifting a depth-2 subnet may run on blocks 1 and 3: only they compute and
+    get gradients, extraction copies them, and a given arch is extracted from the first blocks."""
+    model = build(vitas_space()).train()
+    arch = {**model.space.min_arch(), "depth": 2, "num_heads": [2, 4], "attn_dim": [16, 32], "mlp_dim": [32, 64]}
+    model.set_active(arch, layers=[1, 3])
+    assert model.active_layers == [1, 3]
+    x = torch.randn(2, 3, 32, 32)
+    model(x).square().sum().backward()
+    assert all(p.grad is None for j in (0, 2) for p in model.blocks[j].parameters())
+    assert model.blocks[1].mlp.fc1.weight.grad.any() and model.blocks[3].mlp.fc1.weight.grad.any()
+    assert {id(p) for p in model.active_parameters()} >= {id(p) for p in model.blocks[3].mlp.parameters()}
+    model.eval()
+    with torch.no_grad():
+        static = model.extract()
+        torch.testing.assert_close(static(x), model(x), atol=1e-5, rtol=1e-5)
+        assert torch.equal(static.blocks[1].mlp.fc1.weight, model.blocks[3].mlp.fc1.weight[:64, :16])
+        first = model.extract(arch)
+        assert model.active_layers == [1, 3]
+        assert torch.equal(first.blocks[1].mlp.fc1.weight, model.blocks[1].mlp.fc1.weight[:64, :16])
+    for bad in ([3, 1], [0], [2, 4], [1, 1]):
+        with pytest.raises(ValueError, match="ascending block indices"):
+            model.set_active(arch, layers=bad)
+
+
 def test_per_patch_norms_are_private_and_start_from_a_shared_norm():
     """`space.norms: per_patch`: one LayerNorm per patch size, trained only by its own patch size;
     a shared-norm superformer's weights, expanded by `per_patch_norm_state`, compute the same for

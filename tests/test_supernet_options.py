@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -67,8 +68,8 @@ def test_a_bin_holding_a_sliver_of_the_space_is_drawn_as_often_and_never_fails()
 
 
 # ----------------------------------------------------------------------------- passes
-def sampler(**options) -> SubnetSampler:
-    space = tiny_space()
+def sampler(space: Optional[SearchSpace] = None, **options) -> SubnetSampler:
+    space = space or tiny_space()
     sec = dataclasses.replace(SupernetConfig(epochs=3), **options)
     return SubnetSampler(space, sec, cost_fn(space))
 
@@ -95,6 +96,22 @@ def test_patch_cycle_gives_each_patch_size_the_max_and_min_passes_in_turn() -> N
         seen[passes[0].arch["patch_size"]] += 1
     assert seen == {8: 20, 16: 20} and space.max_arch()["patch_size"] == 8
     assert sampler(sampling="sandwich", patch_cycle=True).passes(5, 1) == s.passes(5, 1)  # step alone
+
+
+def test_without_identity_shifting_each_pass_runs_on_blocks_drawn_anywhere() -> None:
+    space = tiny_space(depth=[1, 2, 3], identity=True)
+    s = sampler(space, sampling="sandwich", identity_shift=False)
+    where: Counter = Counter()
+    for step in range(300):
+        passes, plain = s.passes(step, 1), sampler(space, sampling="sandwich").passes(step, 1)
+        assert [p.arch for p in passes] == [p.arch for p in plain] and plain[0].layers is None
+        for p in passes:
+            depth = space.canonical(p.arch)["depth"]
+            assert len(p.layers) == depth and list(p.layers) == sorted(set(p.layers))
+            assert 0 <= p.layers[0] and p.layers[-1] < 3
+        where[passes[1].layers[0]] += 1  # the min subnet: one layer
+    assert set(where) == {0, 1, 2} and min(where.values()) > 70  # even over the 3 blocks
+    assert s.passes(7, 1) == sampler(space, sampling="sandwich", identity_shift=False).passes(7, 1)
 
 
 def test_max_warmup_trains_the_max_subnet_alone_first() -> None:

@@ -126,7 +126,8 @@ def kill_at(yaml_path: Path, log: Path, step: int, timeout: float = 180) -> None
 OPTION_SETS = {
     "sandwich-distill-per-patch-norms": ({"distill": True, "patch_cycle": True}, {"norms": "per_patch"}),
     "uniform-options": ({"sampling": "uniform", "distill": True, "distill_loss": "alpha",
-                         "cost_sampling": "macs_bins", "cost_bins": 3, "grad_projection": True}, {}),
+                         "cost_sampling": "macs_bins", "cost_bins": 3, "grad_projection": True,
+                         "identity_shift": False}, {}),
 }
 
 

@@ -233,11 +233,29 @@ def rank_variant(study: Study, name: str, run: Path, table: Path, proxies: list[
     return json.loads(result.read_text())
 
 
-def variant_entry(name: str, run: Path, corr: dict) -> dict:
+def by_patch(ranking: Path) -> dict:
+    """Per patch size of a ranking.csv: its architectures, Kendall tau of inherited against
+    trained accuracy among them, and the mean points by which inherited accuracy falls short of
+    trained (where a superformer's error is systematic rather than noise)."""
+    from scipy.stats import kendalltau
+
+    rows = _csv(ranking)
+    out = {}
+    for patch in sorted({json.loads(r["arch"])["patch_size"] for r in rows}):
+        part = [r for r in rows if json.loads(r["arch"])["patch_size"] == patch]
+        x, y = ([float(r[k]) for r in part] for k in ("inherited_top1", "trained_top1"))
+        tau = float(kendalltau(x, y).statistic) if len(part) > 2 else None
+        out[str(patch)] = {"archs": len(part), "kendall": None if tau != tau else tau,
+                           "shortfall": float(np.mean(np.array(y) - np.array(x)))}
+    return out
+
+
+def variant_entry(name: str, run: Path, corr: dict, folder: str = "rank-gt") -> dict:
     """A variant's row of the results: what it is, its ranking and its superformer's training."""
     summary = json.loads((run / "supernet" / "summary.json").read_text())
     what = SCORINGS[name][0] if name in SCORINGS else VARIANTS[name][0]
     return {"what": what, "trained_as": trained_as(name), "rank": corr,
+            "by_patch": by_patch(run / folder_of(name, folder) / "rank" / "ranking.csv"),
             "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
                          "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
                          "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
@@ -402,9 +420,28 @@ def table_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def patch_table(result: dict) -> str:
+    """Per variant and patch size: Kendall tau within the patch size and the mean shortfall of
+    inherited against trained accuracy."""
+    patches = sorted({p for v in result["variants"].values() for p in v.get("by_patch", {})}, key=int)
+    if not patches:
+        return ""
+    head = " | ".join(f"patch {p}: tau, shortfall" for p in patches)
+    lines = [f"| variant | {head} |", "| --- |" + " --- |" * len(patches)]
+    for name, v in result["variants"].items():
+        cells = []
+        for p in patches:
+            c = v.get("by_patch", {}).get(p)
+            cells.append("-" if c is None else f"{_signed(c['kendall'])}, {c['shortfall']:.1f} ({c['archs']} archs)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_doc(result: dict, doc: Path) -> None:
     text = doc.read_text() if doc.is_file() else "# Fidelity\n"
-    block = f"{BEGIN}\n{table_markdown(result)}\n\n{result['summary_text']}\n{END}"
+    patches = patch_table(result)
+    patches = f"\nBy patch size (inherited accuracy against trained, points short):\n\n{patches}\n" if patches else ""
+    block = f"{BEGIN}\n{table_markdown(result)}\n{patches}\n{result['summary_text']}\n{END}"
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
         text = head + block + rest.split(END, 1)[1]
@@ -578,7 +615,7 @@ def run_partial(study: Study, names: list[str], args: Any, proxies: list[str]) -
         run = study.work / "supernets" / trained_as(n)
         corr = rank_variant(study, n, run, table, proxies if i == 0 else [],
                             folder=folder_of(n, f"rank-gt-partial-{tag}"))
-        result["variants"][n] = variant_entry(n, run, corr)
+        result["variants"][n] = variant_entry(n, run, corr, folder=f"rank-gt-partial-{tag}")
     share_scores(result, trained, proxies)
     result["ground_truth_noise"] = ground_truth_noise(rows)
     result["summary_text"] = (f"PARTIAL: {len(rows)} of {args.archs} ground-truth architectures "

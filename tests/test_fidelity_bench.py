@@ -26,6 +26,7 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
         assert {"inherited_top1", "params", "macs", "length_distortion"} <= set(per_score)
         assert set(per_score["inherited_top1"]["kendall"]) >= {"estimate", "low", "high", "n"}
         assert variant["supernet"]["steps"] > 0 and "margin" in variant["end_to_end"]
+        assert sum(p["archs"] for p in variant["by_patch"].values()) == 3  # every architecture, by patch size
     runs = json.loads((tmp_path / "work" / "ground_truth.json").read_text())
     assert len(runs) == 3 and all(len(r["seed_runs"]) == 2 for r in runs)
     assert "tau_between_seeds" in result["stability"]

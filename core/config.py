@@ -227,7 +227,7 @@ class SupernetConfig(TrainingRecipe):
     # The max and min passes take the patch sizes in turn, step by step (each token grid gets its
     # own largest and smallest subnet); off, the max subnet always has the smallest patch.
     patch_cycle: bool = False
-    # ViTAS's identity shifting: a layer's identities sit after its blocks, so an architecture of
+    # ViTAS's identity shifting: identity layers sit after the blocks, so an architecture of
     # depth d always trains blocks 0..d-1. false: each pass runs its d layers on d blocks drawn
     # anywhere in the stack (where identity encodings would put them); scoring keeps blocks 0..d-1.
     identity_shift: bool = True

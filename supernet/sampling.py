@@ -17,8 +17,8 @@ Options on top of every mode:
   blocks drawn uniformly among the stack's (as identity layers at random places would leave
   them), instead of blocks 0..d-1; the subnets drawn are the same.
 - `supernet.patch_cycle`: after the warm-up, the max and min passes of step t take patch size
-  t mod (number of patch sizes); the space's max subnet has the smallest patch and its min the
-  largest, so without it one token grid only ever gets the max subnet's gradient.
+  t mod (number of patch sizes); without it the max subnet always runs on the finest token grid
+  and the min subnet on the coarsest.
 Every rank takes the same passes at every step: they are drawn from a generator seeded by
 (seed, global step) alone.
 """
@@ -138,7 +138,6 @@ class SubnetSampler:
             rng = np.random.default_rng(derive_seed(self.sec.seed, _LAYER_STREAM, step))
             passes = [replace(p, layers=self._blocks(rng, self.space.canonical(p.arch)["depth"])) for p in passes]
         return passes
-
 
     def _blocks(self, rng: np.random.Generator, depth: int) -> tuple[int, ...]:
         """`depth` distinct blocks of the stack, drawn uniformly, ascending."""

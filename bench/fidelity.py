@@ -18,7 +18,9 @@ One rerunnable, resumable study, run through the real `vitas` command line:
 5. end to end: within a middle MACs budget, each variant's GA choice (`vitas search`) and 8
    random architectures of the same budget (shared) are retrained with `--seeds` seeds: does the
    search beat the median random architecture by more than the seed spread?
-6. stability: the default variant trained again with another seed; Kendall tau between the two
+6. stability: the default variant (and those of `--stability`) trained again with another seed;
+   Kendall tau between the two superformers' rankings, and each one's tau and banded tau against the
+   truth (how far a variant's own seed moves the numbers that compare variants);
    superformers' inherited accuracies.
 
 Everything is cached under `--work` (default runs/fidelity): rerunning continues where it
@@ -473,12 +475,12 @@ def summarise(result: dict) -> str:
                      f"{len(rnd['top1'])} random architectures, retrained, is {rnd['median']:.2f} % (mean seed "
                      f"spread {rnd['seed_spread']:.2f}); the GA's choice beats it by more than the seed spread "
                      f"with {', '.join(n for n, v in budget['variants'].items() if v['beats_random']) or 'no variant'}.")
-    stability = result.get("stability")
-    if stability:
-        lines.append(f"- Stability: two {DEFAULT} superformers (supernet.seed 0 and 1) rank the architectures "
+    for name, stability in (result.get("stability") or {}).items():
+        lines.append(f"- Stability: two {name} superformers (supernet.seed 0 and 1) rank the architectures "
                      f"with tau {_signed(stability['tau_between_seeds'])} to each other, "
                      f"{_signed(stability['tau_vs_truth'][0])} and {_signed(stability['tau_vs_truth'][1])} "
-                     "to the ground truth.")
+                     f"to the ground truth ({_signed(stability['banded_vs_truth'][0])} and "
+                     f"{_signed(stability['banded_vs_truth'][1])} within MACs bands).")
     noise = result.get("ground_truth_noise") or {}
     if noise:
         c = noise["kendall_seed0_vs_seed1"]
@@ -501,6 +503,8 @@ def main() -> int:
     parser.add_argument("--random", type=int, default=8, help="random architectures in the end-to-end check")
     parser.add_argument("--variants", default=",".join(BASELINE_VARIANTS),
                         help=f"comma-separated, of {list(VARIANTS)} (or 'all')")
+    parser.add_argument("--stability", default="",
+                        help=f"comma-separated variants trained again with supernet.seed=1 ({DEFAULT} always is)")
     parser.add_argument("--end-to-end", default="trained", choices=("trained", "all"),
                         help="variants whose GA choice is retrained against random: those that train a "
                              "superformer (default; a fine-tuned search costs finetune_steps more steps "
@@ -530,6 +534,9 @@ def main() -> int:
     for n in names:
         if n not in VARIANTS and n not in SCORINGS:
             parser.error(f"unknown variant {n!r}; variants: {[*VARIANTS, *SCORINGS]}")
+    for n in filter(None, args.stability.split(",")):
+        if n not in VARIANTS:
+            parser.error(f"--stability: {n!r} is not a variant that trains a superformer; variants: {list(VARIANTS)}")
     study = Study(args.config.resolve(), args.work.resolve(), args.data.resolve(), args.jobs, args.toy, extra)
     proxies = ["length_distortion", "ntk_condition"]
     if args.partial:
@@ -561,8 +568,9 @@ def main() -> int:
     for n in names:
         result["variants"][n]["end_to_end"] = budget["variants"].get(n, {})
     publish(result, study, start, args, done="end to end")
-    if DEFAULT in names:
-        result["stability"] = study.timed("stability", _stability, study, runs[DEFAULT], table)
+    stable = list(dict.fromkeys(n for n in [DEFAULT, *args.stability.split(",")] if n in names))
+    result["stability"] = dict(zip(stable, study.timed("stability", study.parallel,
+                                                      lambda n: _stability(study, n, runs[n], table), stable)))
     publish(result, study, start, args, done="all")
     print(table_markdown(result))
     print(result["summary_text"])
@@ -654,19 +662,22 @@ def _end_to_end(study: Study, names: list[str], runs: dict[str, Path], gt_rows: 
     return out
 
 
-def _stability(study: Study, run: Path, table: Path) -> dict:
-    """Kendall tau between the inherited accuracies of two superformers trained with other seeds."""
+def _stability(study: Study, name: str, run: Path, table: Path) -> dict:
+    """Kendall tau between the inherited accuracies of two superformers of variant `name` trained
+    with other seeds, and each one's tau (global and banded) against the ground truth."""
     from scipy.stats import kendalltau
 
-    other = train_supernet(study, DEFAULT, seed=1)
-    a = rank_variant(study, DEFAULT, run, table, [])
-    b = rank_variant(study, DEFAULT, other, table, [])
+    other = train_supernet(study, name, seed=1)
+    a = rank_variant(study, name, run, table, [])
+    b = rank_variant(study, name, other, table, [])
     x = [float(r["inherited_top1"]) for r in _csv(run / "rank-gt" / "rank" / "ranking.csv")]
     y = [float(r["inherited_top1"]) for r in _csv(other / "rank-gt" / "rank" / "ranking.csv")]
     tau = kendalltau(x, y).statistic
     return {"tau_between_seeds": float(tau),
             "tau_vs_truth": [_kendall(a, "trained_top1", "inherited_top1")["estimate"],
-                             _kendall(b, "trained_top1", "inherited_top1")["estimate"]]}
+                             _kendall(b, "trained_top1", "inherited_top1")["estimate"]],
+            "banded_vs_truth": [_kendall(a, "trained_top1", "inherited_top1", banded=True)["estimate"],
+                                _kendall(b, "trained_top1", "inherited_top1", banded=True)["estimate"]]}
 
 
 if __name__ == "__main__":

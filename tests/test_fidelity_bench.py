@@ -29,7 +29,7 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
         assert sum(p["archs"] for p in variant["by_patch"].values()) == 3  # every architecture, by patch size
     runs = json.loads((tmp_path / "work" / "ground_truth.json").read_text())
     assert len(runs) == 3 and all(len(r["seed_runs"]) == 2 for r in runs)
-    assert "tau_between_seeds" in result["stability"]
+    assert set(result["stability"]) == {"cyclic-sandwich"} and "tau_between_seeds" in result["stability"]["cyclic-sandwich"]
     assert {"ground truth", "superformers", "ranking", "end to end", "total"} <= set(result["seconds"])
     assert "| inherited, cyclic-sandwich |" in proc.stdout
     assert result["ground_truth_noise"]["archs"] == 3

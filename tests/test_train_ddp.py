@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -37,9 +38,9 @@ def worker(cfg_path: Path, out: Path) -> None:
     calls: list[tuple[str, str]] = []
     set_active = Superformer.set_active
 
-    def recording(self: Superformer, arch: dict, side: str = "left") -> None:
-        calls.append((space.key(arch), side))
-        set_active(self, arch, side)
+    def recording(self: Superformer, arch: dict, side: str = "left", layers: Optional[list] = None) -> None:
+        calls.append((space.key(arch), side, layers))
+        set_active(self, arch, side, layers)
 
     Superformer.set_active = recording  # type: ignore[method-assign]
     info = dist.init_distributed()  # joined here, so execute leaves the group to this worker

@@ -2,8 +2,8 @@
 
 Mechanisms (DESIGN 3): channel policies per dimension (`supernet.channels`), a private stem
 (patch conv, class token, position embedding) per patch size with blocks shared by all patch
-sizes, LayerNorms shared by all patch sizes or private to each (`space.norms`), q/k either entangled in one timm-style qkv (AutoFormer) or private per head count with a
-shared v (ViTAS), identity shifting through `SearchSpace.canonical`, the attention scale of the
+sizes, LayerNorms shared by all patch sizes or private to each (`space.norms`), q/k either
+entangled in one timm-style qkv (AutoFormer) or private per head count with a shared v (ViTAS), identity shifting through `SearchSpace.canonical`, the attention scale of the
 active head_dim, AutoFormer's 2-D relative positions, and class-token or mean pooling.
 The API follows Once-for-All: `set_active`, `sample`, `set_max`, `set_min`, `extract`.
 """
@@ -74,8 +74,10 @@ def norm_keys(key: str, space: SearchSpace) -> list[str]:
 def per_patch_norm_state(state: dict[str, torch.Tensor], space: SearchSpace) -> dict[str, torch.Tensor]:
     """A shared-norm superformer state dict (a converted foreign supernet) under the keys of
     `space`'s superformer (`norm_keys`)."""
-    return {k: v.clone() if len(keys) > 1 else v for key, v in state.items() for keys in [norm_keys(key, space)]
-            for k in keys}
+    out = {}
+    for key, value in state.items():
+        out.update({k: value for k in norm_keys(key, space)})
+    return out
 
 
 class SuperAttention(nn.Module):
@@ -160,8 +162,8 @@ class SuperBlock(nn.Module):
                    patch_size: int) -> None:
         """Activate this block's channel sets, head count and the norms of `patch_size`."""
         self.patch_size = patch_size
-        self.active_norms()[0].set_channels(embed)
-        self.active_norms()[1].set_channels(embed)
+        for norm in self.active_norms():
+            norm.set_channels(embed)
         self.attn.set_active(embed, attn, heads)
         self.mlp.fc1.set_channels(embed, mlp)
         self.mlp.fc2.set_channels(mlp, embed)

@@ -231,6 +231,11 @@ class SupernetConfig(TrainingRecipe):
     # depth d always trains blocks 0..d-1. false: each pass runs its d layers on d blocks drawn
     # anywhere in the stack (where identity encodings would put them); scoring keeps blocks 0..d-1.
     identity_shift: bool = True
+    # Once-for-All's progressive shrinking: each item (an arch field, or fields joined by '+')
+    # stays at the max subnet's value until its turn; the items unlock in order, evenly over
+    # `progressive_epochs` after the max warm-up (default: half the epochs left after it).
+    progressive: list[str] = field(default_factory=list)
+    progressive_epochs: Optional[int] = at_least(None, 1)
     val_random_archs: int = at_least(3, 0)
     checkpoint: Optional[str] = None  # default: <output_dir>/supernet/last.pth
     weights: str = choice("auto", "auto", "ema", "raw")  # auto: EMA when the checkpoint has it

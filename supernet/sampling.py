@@ -19,6 +19,10 @@ Options on top of every mode:
 - `supernet.patch_cycle`: after the warm-up, the max and min passes of step t take patch size
   t mod (number of patch sizes); without it the max subnet always runs on the finest token grid
   and the min subnet on the coarsest.
+- `supernet.progressive` (Once-for-All's progressive shrinking): the listed arch fields stay at
+  the max subnet's value, and are released one item at a time, evenly over
+  `supernet.progressive_epochs` after the warm-up; every pass (min included) draws from the
+  space released so far. Once all are released the passes are those of the plain sampler.
 Every rank takes the same passes at every step: they are drawn from a generator seeded by
 (seed, global step) alone.
 """
@@ -115,23 +119,84 @@ class CostBins:
         return {k: list(v) if isinstance(v, list) else v for k, v in arch.items()}  # the pool stays as drawn
 
 
+PROGRESSIVE_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "attn_dim", "mlp_dim")
+
+
+def locked_space(space: SearchSpace, fields: set[str]) -> SearchSpace:
+    """`space` with each of `fields` held at the max subnet's value (same superformer sizes), so
+    its samples, min and max are subnets of `space` that keep those fields at their largest."""
+    cfg, top = space.cfg, space.max_arch()
+    if "attn_dim" in fields and cfg.head_dim:
+        raise UserError("supernet.progressive: attn_dim follows num_heads in this space (space.head_dim "
+                        "is fixed): hold num_heads instead")
+    held = {"patch_size": [top["patch_size"]], "embed_dim": [top["embed_dim"]], "depth": [top["depth"]],
+            "num_heads": [top["num_heads"][0]], "attn_dim": [top["attn_dim"][0]]}
+    changes: dict[str, Any] = {k: v for k, v in held.items() if k in fields}
+    if "mlp_dim" in fields:
+        changes["mlp_ratio" if cfg.mlp_ratio else "mlp_dim"] = [max(cfg.mlp_ratio or cfg.mlp_dim)]
+    return SearchSpace(replace(cfg, **changes, super_embed_dim=space.super_embed_dim,
+                               super_depth=space.super_depth, super_attn_dim=space.super_attn_dim,
+                               super_mlp_dim=space.super_mlp_dim))
+
+
+def progressive_schedule(space: SearchSpace, sec: SupernetConfig) -> list[tuple[int, list[str]]]:
+    """(epoch, fields) for each item of `supernet.progressive`: the epoch from which its fields
+    are free. UserError for an unknown or repeated field, or a schedule that does not fit."""
+    items = [item.split("+") for item in sec.progressive]
+    fields = [f for item in items for f in item]
+    for f in fields:
+        if f not in PROGRESSIVE_FIELDS:
+            raise UserError(f"supernet.progressive: unknown arch field {f!r}; fields: {list(PROGRESSIVE_FIELDS)}")
+    if len(set(fields)) < len(fields):
+        raise UserError(f"supernet.progressive names a field twice: {sec.progressive}")
+    if items and sec.cost_sampling == "macs_bins":
+        raise UserError("supernet.progressive holds fields that supernet.cost_sampling=macs_bins draws "
+                        "over the whole space: use one of them")
+    if sec.progressive_epochs is not None and not items:
+        raise UserError("supernet.progressive_epochs is set but supernet.progressive lists no field")
+    start = sec.max_warmup_epochs
+    span = sec.progressive_epochs or max(1, (sec.epochs - start) // 2)
+    if items and (span < len(items) or start + span > sec.epochs):
+        raise UserError(f"supernet.progressive releases {len(items)} items over {span} epochs after "
+                        f"max_warmup_epochs={start}: it needs an epoch per item within "
+                        f"supernet.epochs={sec.epochs} (set supernet.progressive_epochs)")
+    schedule = [(start + (i * span) // len(items), item) for i, item in enumerate(items)]
+    if items:
+        locked_space(space, set(fields))  # a space that cannot hold its fields fails here, before training
+    return schedule
+
+
 class SubnetSampler:
     """The passes of every step for a `SupernetConfig` (see the module docstring)."""
 
     def __init__(self, space: SearchSpace, sec: SupernetConfig, cost_fn: Callable[[dict], Any]):
         self.space, self.sec = space, sec
         self.bins = CostBins(space, cost_fn, sec.cost_bins, sec.seed) if sec.cost_sampling == "macs_bins" else None
+        self.schedule = progressive_schedule(space, sec)
+        self._spaces: dict[int, SearchSpace] = {}  # epoch's released stage -> its space
+
+    def space_at(self, epoch: int) -> SearchSpace:
+        """The space the passes of `epoch` draw from: the whole space unless progressive
+        shrinking still holds some fields at their max."""
+        held = {f for start, item in self.schedule if epoch < start for f in item}
+        if not held:
+            return self.space
+        stage = sum(epoch >= start for start, _ in self.schedule)
+        if stage not in self._spaces:
+            self._spaces[stage] = locked_space(self.space, held)
+        return self._spaces[stage]
 
     def passes(self, step: int, epoch: int) -> list[Pass]:
         """The passes of global step `step` (in epoch `epoch`, 0-based)."""
         if epoch < self.sec.max_warmup_epochs:
             return [Pass("max", self.space.max_arch())]
-        passes = step_passes(self.space, self.sec.sampling, self.sec.seed, step,
+        space = self.space_at(epoch)
+        passes = step_passes(space, self.sec.sampling, self.sec.seed, step,
                              self.bins.draw if self.bins else None)
         if self.sec.distill and passes[0].name != "max":
             passes = [Pass("max", self.space.max_arch())] + passes
         if self.sec.patch_cycle:
-            patch = self.space.patch_sizes[step % len(self.space.patch_sizes)]
+            patch = space.patch_sizes[step % len(space.patch_sizes)]
             passes = [replace(p, arch={**p.arch, "patch_size": patch}) if p.name in ("max", "min") else p
                       for p in passes]
         if not self.sec.identity_shift:

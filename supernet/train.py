@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 from vitas.core.checkpoint import load_checkpoint
-from vitas.core.config import Config, require_file
+from vitas.core.config import Config, SupernetConfig, require_file
 from vitas.core.data import (build_splits, check_data_source, check_mixup_batch, create_loader,
                              create_loss, create_mixup, num_classes, split_settings)
 from vitas.core.engine import (Trainer, check_recipe, check_resume, check_same_across_ranks,
@@ -36,7 +36,7 @@ from vitas.core.metrics import evaluate_accuracy
 from vitas.core.stage import Stage, StageContext
 from vitas.supernet.model import Superformer
 from vitas.supernet.pretrained import check_timm_init, init_from_timm
-from vitas.supernet.sampling import SubnetSampler, is_bilateral, validation_archs
+from vitas.supernet.sampling import SubnetSampler, is_bilateral, progressive_schedule, validation_archs
 from vitas.supernet.space import SearchSpace
 
 log = logging.getLogger("vitas.supernet")
@@ -68,6 +68,7 @@ def check(cfg: Config) -> None:
         raise UserError(f"supernet.max_warmup_epochs={sec.max_warmup_epochs} leaves no epoch for the "
                         f"other subnets (supernet.epochs={sec.epochs})")
     space = SearchSpace(cfg.space)
+    progressive_schedule(space, sec)
     check_data_source(cfg.data, holdout=True)
     if sec.init:
         check_timm_init(require_file(sec.init, "supernet.init"), space)
@@ -77,6 +78,7 @@ def check(cfg: Config) -> None:
         check_resume(state, sec, path, "supernet")
         space.check_spec(state.get("space", {}), str(path))
         _check_split(state, cfg, path)
+        _check_sampling(state, sec, path)
 
 
 def _check_split(state: dict, cfg: Config, path: Any) -> None:
@@ -86,6 +88,27 @@ def _check_split(state: dict, cfg: Config, path: Any) -> None:
         changed = next(k for k in saved if saved[k] != split_settings(cfg.data).get(k))
         raise UserError(f"{path} was trained without the hold-out of {changed}={saved[changed]!r}; "
                         f"this config has {split_settings(cfg.data).get(changed)!r} (use another output_dir)")
+
+
+# The settings that decide which subnets each step trains and with which losses: a run resumed
+# with another value would continue a different training than the one it started.
+SAMPLING_OPTIONS = ("seed", "sampling", "distill", "distill_loss", "cost_sampling", "cost_bins",
+                    "grad_projection", "max_warmup_epochs", "patch_cycle", "identity_shift",
+                    "progressive", "progressive_epochs")
+
+
+def _check_sampling(state: dict, sec: SupernetConfig, path: Any) -> None:
+    """A superformer continues only with the sampling options it was trained with (a checkpoint
+    written before an option existed had its default)."""
+    saved = state.get("config", {}).get("supernet") if isinstance(state.get("config"), dict) else None
+    if not isinstance(saved, dict):
+        return
+    default = SupernetConfig()
+    for name in SAMPLING_OPTIONS:
+        was, now = saved.get(name, getattr(default, name)), getattr(sec, name)
+        if was != now:
+            raise UserError(f"{path} was trained with supernet.{name}={was!r}; this config has {now!r}, "
+                            f"which would continue another training (restore it or use another output_dir)")
 
 
 ALPHA_RANGE, ALPHA_CLIP = (-1.0, 1.0), 5.0  # AlphaNet's alpha_min, alpha_max and ratio clip
@@ -227,7 +250,8 @@ def run(cfg: Config, ctx: StageContext) -> dict:
         "max_top1": last["val"]["max"]["top1"], "min_top1": last["val"]["min"]["top1"],
         "val": {name: {**r, "arch": archs[name]} for name, r in last["val"].items()},
         "epochs": trainer.epoch, "steps": trainer.global_step, "world_size": info.world_size,
-        "sampling": sec.sampling, "train_seconds": round(trainer.train_seconds, 1),
+        "sampling": sec.sampling, "progressive": [{"epoch": e, "released": item} for e, item in sampler.schedule],
+        "train_seconds": round(trainer.train_seconds, 1),
         "resumed_from": list(trainer.resumed_from) if trainer.resumed_from else None,
         "output": str(out_dir),
     }

@@ -27,6 +27,8 @@ CASES = {  # name: (arguments after `vitas`, text the error must contain); {data
     "train-supernet, patch cycle without a max pass": (
         ["train-supernet", "data.root={data}", "supernet.patch_cycle=true", "supernet.sampling=uniform"],
         "supernet.patch_cycle"),
+    "train-supernet, progressive shrinking of an unknown field": (
+        ["train-supernet", "data.root={data}", "supernet.progressive=[width]"], "supernet.progressive"),
     "search, no superformer": (["search", "data.root={data}"], "checkpoint not found"),
     "search, infeasible budget": (["search", "data.root={data}", "search.scorer=proxy",
                                    "search.macs_min=5", "search.macs_max=10"], "no architecture has macs"),

@@ -4,6 +4,7 @@ warm-up. Each option's mechanism, on tiny models."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from vitas.core.config import SupernetConfig, config_from_dict, load_config
 from vitas.core.engine import Trainer, project_off
+from vitas.core.errors import UserError
 from vitas.supernet import train as supernet_train
 from vitas.supernet.model import Superformer
 from vitas.supernet.sampling import CostBins, SubnetSampler
@@ -118,6 +120,54 @@ def test_max_warmup_trains_the_max_subnet_alone_first() -> None:
     s = sampler(sampling="sandwich", max_warmup_epochs=1)
     assert [p.name for p in s.passes(3, 0)] == ["max"]
     assert [p.name for p in s.passes(3, 1)] == ["max", "min", "rand"]
+
+
+def test_progressive_shrinking_holds_fields_at_max_until_their_turn_then_samples_as_plain() -> None:
+    space = tiny_space()
+    options = dict(sampling="sandwich", epochs=8, max_warmup_epochs=1,
+                   progressive=["depth", "num_heads+attn_dim", "embed_dim"], progressive_epochs=6)
+    s, top = sampler(**options), space.max_arch()
+    assert s.schedule == [(1, ["depth"]), (3, ["num_heads", "attn_dim"]), (5, ["embed_dim"])]
+    assert [p.name for p in s.passes(0, 0)] == ["max"]
+    held = {1: ("num_heads", "attn_dim", "embed_dim"), 3: ("embed_dim",), 5: ()}
+    for epoch, fields in held.items():
+        seen: dict[str, set] = {f: set() for f in ("depth", "num_heads", "attn_dim", "embed_dim", "mlp_dim", "patch_size")}
+        for step in range(60):
+            passes = s.passes(step, epoch)
+            assert passes[0].arch == top and [p.name for p in passes] == ["max", "min", "rand"]
+            for p in passes:
+                space.validate(p.arch)
+                for f in fields:
+                    assert p.arch[f] == (top[f] if f == "embed_dim" else [top[f][0]] * p.arch["depth"])
+                for f in seen:
+                    seen[f].add(json.dumps(p.arch[f]))
+        free = {"depth", "num_heads", "attn_dim", "embed_dim", "mlp_dim", "patch_size"} - set(fields)
+        assert all(len(seen[f]) > 1 for f in free), seen  # the released fields and the unlisted ones vary
+    assert s.passes(17, 1)[1].arch == {**top, "depth": 1, "num_heads": [top["num_heads"][0]],
+                                       "attn_dim": [top["attn_dim"][0]], "mlp_dim": [16], "patch_size": 16}
+    plain = sampler(sampling="sandwich", epochs=8, max_warmup_epochs=1)
+    for step in range(40):  # everything released: the plain sampler's passes, step for step
+        assert s.passes(step, 5) == plain.passes(step, 5) and s.passes(step, 7) == plain.passes(step, 7)
+    assert sampler(**options).passes(9, 3) == s.passes(9, 3)  # a function of (step, epoch) alone
+
+
+def test_progressive_default_span_is_half_the_epochs_after_the_warmup() -> None:
+    s = sampler(sampling="uniform", epochs=20, max_warmup_epochs=2, progressive=["depth", "mlp_dim", "embed_dim"])
+    assert s.schedule == [(2, ["depth"]), (5, ["mlp_dim"]), (8, ["embed_dim"])]
+
+
+@pytest.mark.parametrize("options, space_changes, needle", [
+    ({"progressive": ["width"]}, {}, "unknown arch field 'width'"),
+    ({"progressive": ["depth", "embed_dim+depth"]}, {}, "names a field twice"),
+    ({"progressive": ["depth"], "cost_sampling": "macs_bins"}, {}, "cost_sampling=macs_bins"),
+    ({"progressive_epochs": 2}, {}, "lists no field"),
+    ({"progressive": ["depth", "embed_dim", "mlp_dim"], "progressive_epochs": 2}, {}, "an epoch per item"),
+    ({"progressive": ["depth"], "progressive_epochs": 3, "max_warmup_epochs": 1}, {}, "an epoch per item"),
+    ({"progressive": ["attn_dim"]}, {"attn_dim": None, "head_dim": 8}, "attn_dim follows num_heads"),
+], ids=["unknown", "twice", "bins", "epochs-alone", "too-short", "past-the-end", "head-dim"])
+def test_progressive_refuses_what_cannot_run(options: dict, space_changes: dict, needle: str) -> None:
+    with pytest.raises(UserError, match=needle):
+        sampler(tiny_space(**space_changes), sampling="sandwich", **options)
 
 
 # ----------------------------------------------------------------------------- distillation

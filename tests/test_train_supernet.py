@@ -21,6 +21,7 @@ import yaml
 from vitas.core.checkpoint import load_checkpoint
 from vitas.core.config import config_from_dict
 from vitas.core.engine import GlobalBatchSampler, Trainer
+from vitas.core.errors import UserError
 from vitas.supernet.model import Superformer
 from vitas.supernet.sampling import step_passes, validation_archs
 from vitas.cli import main
@@ -124,7 +125,9 @@ def kill_at(yaml_path: Path, log: Path, step: int, timeout: float = 180) -> None
 
 # name -> (supernet options, space changes)
 OPTION_SETS = {
-    "sandwich-distill-per-patch-norms": ({"distill": True, "patch_cycle": True}, {"norms": "per_patch"}),
+    "sandwich-distill-per-patch-norms-progressive": ({"distill": True, "patch_cycle": True,
+                                                     "progressive": ["embed_dim", "depth"], "progressive_epochs": 2},
+                                                    {"norms": "per_patch"}),
     "uniform-options": ({"sampling": "uniform", "distill": True, "distill_loss": "alpha",
                          "cost_sampling": "macs_bins", "cost_bins": 3, "grad_projection": True,
                          "identity_shift": False}, {}),
@@ -203,6 +206,24 @@ def test_outputs_and_space_mismatch(tmp_path: Path, tiny_digits: Path,
     assert len(err) == 1 and "embed_dim" in err[0] and err[0].startswith("vitas: error:")
     assert main(["train-supernet", "-c", str(cfg_path), "supernet.sampling=random"]) == 2
     assert "supernet.sampling" in capsys.readouterr().err
+    assert summary["progressive"] == []
+    # More epochs continue the run; another sampling option would continue another training.
+    for change in (["supernet.distill=true"], ["supernet.progressive=[depth]"], ["supernet.seed=1"]):
+        assert main(["train-supernet", "-c", str(cfg_path), "supernet.epochs=3", *change]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        name = change[0].split("=")[0]
+        assert len(err) == 1 and f"was trained with {name}=" in err[0], err
+    assert load_checkpoint(out / "last.pth")["epoch"] == 1
+
+
+def test_a_checkpoint_without_an_option_had_its_default() -> None:
+    from vitas.core.config import SupernetConfig
+    from vitas.supernet.train import _check_sampling
+
+    old = {"config": {"supernet": {"sampling": "sandwich", "seed": 0}}}  # written before the options existed
+    _check_sampling(old, SupernetConfig(sampling="sandwich"), "last.pth")
+    with pytest.raises(UserError, match="supernet.patch_cycle=False"):
+        _check_sampling(old, SupernetConfig(sampling="sandwich", patch_cycle=True), "last.pth")
 
 
 BAD_SUPERNET = [  # (override, text the one error line must contain)
@@ -216,6 +237,8 @@ BAD_SUPERNET = [  # (override, text the one error line must contain)
     ("supernet.clip_grad=-5", "supernet.clip_grad"),
     ("supernet.seed=-1", "supernet.seed"),
     ("supernet.val_random_archs=-1", "supernet.val_random_archs must be >= 0"),
+    ("supernet.progressive=[width]", "supernet.progressive: unknown arch field 'width'"),
+    ("supernet.progressive=[depth,embed_dim,mlp_dim]", "an epoch per item"),
     ("data.workers=-1", "data.workers must be >= 0"),
     ("data.auto_augment=bogus", "data.auto_augment"),
     ("data.holdout_per_class=-1", "data.holdout_per_class"),

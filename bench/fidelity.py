@@ -97,6 +97,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cyclic-sandwich-noshift": ("sandwich without identity shifting: a subnet's layers on blocks drawn anywhere (ViTAS off)",
                                 ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
                                  "supernet.identity_shift=false"]),
+    "cyclic-sandwich-progressive": ("sandwich after a max-subnet warm-up of a tenth of the epochs, then Once-for-All's "
+                                    "progressive shrinking: depth, MLP width, heads with attention width and embed "
+                                    "width released in turn over half the epochs left",
+                                    ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                                     "supernet.max_warmup_epochs={warmup}",
+                                     "supernet.progressive=[depth,mlp_dim,num_heads+attn_dim,embed_dim]"]),
     "cyclic-sandwich-entangled": ("sandwich with q/k entangled across head counts (ViTAS's private q/k off)",
                                   ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
                                    "space.qk=entangled"]),

@@ -25,7 +25,12 @@ One rerunnable, resumable study, run through the real `vitas` command line:
 
 Everything is cached under `--work` (default runs/fidelity): rerunning continues where it
 stopped and recomputes only what is missing. Results: `bench/results/fidelity.json` and the
-table between the markers in `docs/FIDELITY.md`. `--toy` runs the whole study on a few digits
+table between the markers in `docs/FIDELITY.md`. What costs hours and is plain data is also kept
+beside the results, in `fidelity_record.json` (committed): the ground-truth table and every
+retrained (arch, seed)'s top-1, under a key of the config, the overrides and the data files; a
+fresh clone with the same key reuses them instead of training them again. A run that measures
+only some variants keeps the others' rows of the results file when its ground truth is the same
+(`carried_over` names them). `--toy` runs the whole study on a few digits
 architectures for a minute (the test suite does).
 
 `--partial` trains nothing: it ranks the superformers already trained under `--work` against the
@@ -124,8 +129,23 @@ class Study:
 
     def __init__(self, config: Path, work: Path, data: Path, jobs: int, toy: bool, extra: list[str]):
         self.config, self.work, self.data, self.jobs, self.toy = config, work, data, jobs, toy
+        self.extra = list(extra)
         self.base = [f"data.root={data}", "data.workers=0", *extra]
         self.times: dict[str, float] = {}
+        self.record: dict = {"key": None, "ground_truth": None, "retrain": {}}
+
+    def record_key(self, dataset: str) -> dict:
+        """What the recorded runs depend on: the config's bytes, the overrides, and the data
+        files (names and sizes: the generators are deterministic, so equal files are equal data)."""
+        files = sorted((str(f.relative_to(self.data)), f.stat().st_size) for f in self.data.rglob("*") if f.is_file())
+        return {"config_sha1": hashlib.sha1(self.config.read_bytes()).hexdigest(), "overrides": self.extra,
+                "dataset": dataset, "data_files_sha1": hashlib.sha1(json.dumps(files).encode()).hexdigest()}
+
+    def load_record(self, path: Path, dataset: str) -> None:
+        """The committed record of `path` if its key is this study's, else an empty one."""
+        key = self.record_key(dataset)
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        self.record = saved if saved.get("key") == key else {"key": key, "ground_truth": None, "retrain": {}}
 
     def vitas(self, *args: str, log: Optional[Path] = None) -> dict:
         """Run `python -m vitas ARGS` (one thread); the JSON of its last stdout line."""
@@ -204,7 +224,12 @@ def ensure_data(study: Study, name: str, size_args: list[str]) -> None:
 def ground_truth(study: Study, archs: int, seeds: int, executor: str) -> Path:
     """The table of `archs` architectures' mean val top-1 over `seeds` seeds (trained once)."""
     table = study.work / "ground_truth.json"
+    recorded = study.record.get("ground_truth")
+    if not table.is_file() and recorded and len(recorded) == archs and all(
+            len(r["seed_runs"]) == seeds for r in recorded):
+        _write(table, recorded)  # trained before, on a clone with the same config and data
     if table.is_file():
+        study.record["ground_truth"] = json.loads(table.read_text())
         return table
     out = study.work / "ground_truth"
     # Slurm (when the local cluster runs) trains one array task per (arch, seed), two at a time.
@@ -217,6 +242,7 @@ def ground_truth(study: Study, archs: int, seeds: int, executor: str) -> Path:
     entries = [{"arch": json.loads(r["arch"]), "trained_top1": float(r["trained_top1"]),
                 "seed_runs": run} for r, run in zip(rows, runs)]
     _write(table, entries)
+    study.record["ground_truth"] = entries
     return table
 
 
@@ -258,12 +284,17 @@ def by_patch(ranking: Path) -> dict:
     return out
 
 
-def variant_entry(name: str, run: Path, corr: dict, folder: str = "rank-gt") -> dict:
-    """A variant's row of the results: what it is, its ranking and its superformer's training."""
+def variant_entry(name: str, run: Path, corr: dict, truth: list[dict], folder: str = "rank-gt") -> dict:
+    """A variant's row of the results: what it is, its ranking, its inherited top-1 per
+    ground-truth architecture (in the table's order, for paired comparisons later) and its
+    superformer's training."""
     summary = json.loads((run / "supernet" / "summary.json").read_text())
     what = SCORINGS[name][0] if name in SCORINGS else VARIANTS[name][0]
+    ranking = run / folder_of(name, folder) / "rank" / "ranking.csv"
+    inherited = {_arch_key(json.loads(r["arch"])): float(r["inherited_top1"]) for r in _csv(ranking)}
     return {"what": what, "trained_as": trained_as(name), "rank": corr,
-            "by_patch": by_patch(run / folder_of(name, folder) / "rank" / "ranking.csv"),
+            "inherited_top1": [inherited.get(_arch_key(r["arch"])) for r in truth],
+            "by_patch": by_patch(ranking),
             "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
                          "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
                          "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
@@ -280,12 +311,15 @@ def share_scores(result: dict, names: list[str], proxies: list[str]) -> None:
 
 def retrain(study: Study, arch: dict, seed: int) -> float:
     """Val top-1 of `arch` trained from scratch with `seed` (cached by arch and seed)."""
-    key = hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
-    out = study.work / "retrain" / f"{key}-seed{seed}"
-    summary = out / "retrain" / "summary.json"
+    name = f"{_arch_key(arch)}-seed{seed}"
+    summary = study.work / "retrain" / name / "retrain" / "summary.json"
+    if not summary.is_file() and name in study.record["retrain"]:
+        return study.record["retrain"][name]  # trained before, on a clone with the same config and data
     if not summary.is_file():
-        study.stage("retrain", out, f"retrain.seed={seed}", options=("--arch", json.dumps(arch)))
-    return float(json.loads(summary.read_text())["top1"])
+        study.stage("retrain", summary.parents[1], f"retrain.seed={seed}", options=("--arch", json.dumps(arch)))
+    top1 = float(json.loads(summary.read_text())["top1"])
+    study.record["retrain"][name] = top1
+    return top1
 
 
 def random_archs(study: Study, budget: tuple[int, int], n: int) -> list[dict]:
@@ -354,6 +388,10 @@ def work_seconds(study: Study) -> dict:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _arch_key(arch: dict) -> str:
+    return hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _retrain_epochs(study: Study) -> int:
     import yaml
 
@@ -549,34 +587,40 @@ def main() -> int:
         return run_partial(study, names, args, proxies)
     start = time.time()
     study.timed("data", ensure_data, study, args.dataset, [])
+    study.load_record(record_path(args.out), args.dataset)
     table = study.timed("ground truth", ground_truth, study, args.archs, args.seeds,
                         args.ground_truth_executor)
+    gt_rows = json.loads(table.read_text())
     trained = list(dict.fromkeys(trained_as(n) for n in names))
     superformers = dict(zip(trained, study.timed("superformers", study.parallel,
                                                  lambda n: train_supernet(study, n), trained)))
     runs = {n: superformers[trained_as(n)] for n in names}
     result: dict[str, Any] = {"config": str(args.config), "data": str(args.data), "archs": args.archs,
-                              "seeds": args.seeds, "proxies": proxies, "variants": {}}
+                              "seeds": args.seeds, "proxies": proxies, "variants": {},
+                              "ground_truth_sha1": truth_sha1(gt_rows)}
     ranks = study.timed("ranking", study.parallel,
                         lambda n: rank_variant(study, n, runs[n], table, proxies if n == names[0] else [],
                                                folder=folder_of(n, "rank-gt")),
                         names)
     for n, corr in zip(names, ranks):
-        result["variants"][n] = variant_entry(n, runs[n], corr)
+        result["variants"][n] = variant_entry(n, runs[n], corr, gt_rows)
     share_scores(result, names, proxies)
-    result["ground_truth_noise"] = ground_truth_noise(json.loads(table.read_text()))
+    result["ground_truth_noise"] = ground_truth_noise(gt_rows)
+    earlier = earlier_results(args.out, gt_rows)
+    carry_variants(result, earlier, names)
     publish(result, study, start, args, done="ranking")  # what there is so far, in case of a stop
 
-    gt_rows = json.loads(table.read_text())
     searched = names if args.end_to_end == "all" else [n for n in names if n not in SCORINGS]
     budget = study.timed("end to end", _end_to_end, study, searched, runs, gt_rows, args)
+    carry_end_to_end(result, earlier, budget)
     result["budget"] = budget
     for n in names:
         result["variants"][n]["end_to_end"] = budget["variants"].get(n, {})
     publish(result, study, start, args, done="end to end")
     stable = list(dict.fromkeys(n for n in [DEFAULT, *args.stability.split(",")] if n in names))
-    result["stability"] = dict(zip(stable, study.timed("stability", study.parallel,
-                                                      lambda n: _stability(study, n, runs[n], table), stable)))
+    result["stability"] = {**{n: v for n, v in (earlier.get("stability") or {}).items() if n not in stable},
+                           **dict(zip(stable, study.timed("stability", study.parallel,
+                                                          lambda n: _stability(study, n, runs[n], table), stable)))}
     publish(result, study, start, args, done="all")
     print(table_markdown(result))
     print(result["summary_text"])
@@ -592,8 +636,60 @@ def publish(result: dict, study: Study, start: float, args: Any, done: str) -> N
     result["work_seconds"] = work_seconds(study)
     result["summary_text"] = summarise(result)
     _write(args.out, result)
+    _write(record_path(args.out), study.record)
     if not args.no_doc:
         write_doc(result, args.doc)
+
+
+def record_path(out: Path) -> Path:
+    """The record kept beside a results file (see the module docstring)."""
+    return out.with_name(f"{out.stem}_record.json")
+
+
+def truth_sha1(rows: list[dict]) -> str:
+    """A fingerprint of a ground-truth table: its architectures and every seed's top-1."""
+    return hashlib.sha1(json.dumps([[r["arch"], r["seed_runs"]] for r in rows], sort_keys=True).encode()).hexdigest()
+
+
+def earlier_results(out: Path, truth: list[dict]) -> dict:
+    """The results already in `out` if they were measured against this same ground truth, else {}.
+    Results written before the table's fingerprint was kept are matched by the ground truth's
+    agreement with itself (tau between seeds with its bootstrap interval, and the mean |difference|
+    to full float precision), which a different table would not reproduce."""
+    if not out.is_file():
+        return {}
+    old = json.loads(out.read_text())
+    if old.get("partial") or old.get("archs") != len(truth):
+        return {}
+    if "ground_truth_sha1" in old:
+        return old if old["ground_truth_sha1"] == truth_sha1(truth) else {}
+    return old if old.get("ground_truth_noise") == ground_truth_noise(truth) else {}
+
+
+def carry_variants(result: dict, earlier: dict, names: list[str]) -> None:
+    """Keep the rows of variants measured earlier against the same ground truth and not measured
+    now (in their old order, this run's after them); `carried_over` names them."""
+    carried = [n for n in earlier.get("variants", {}) if n not in names]
+    if not carried:
+        return
+    fresh = result["variants"]
+    result["variants"] = {n: fresh.get(n) or earlier["variants"][n] for n in earlier["variants"]}
+    result["variants"].update({n: v for n, v in fresh.items() if n not in result["variants"]})
+    result["carried_over"] = carried
+    result["carried_work_seconds"] = {n: s for n, s in earlier.get("work_seconds", {}).get("superformers", {}).items()
+                                      if n.split("-seed")[0] in carried}
+
+
+def carry_end_to_end(result: dict, earlier: dict, budget: dict) -> None:
+    """The carried variants' end-to-end rows, kept where the earlier budget and random
+    architectures are this run's (else dropped: their margin was against another median)."""
+    old = earlier.get("budget") or {}
+    same = old.get("macs") == budget["macs"] and (old.get("random") or {}).get("archs") == budget["random"]["archs"]
+    for n in result.get("carried_over", []):
+        kept = old.get("variants", {}).get(n) if same else None
+        result["variants"][n]["end_to_end"] = kept or {}
+        if kept:
+            budget["variants"][n] = kept
 
 
 def partial_table(study: Study, seeds: int) -> tuple[Path, list[dict]]:
@@ -629,7 +725,7 @@ def run_partial(study: Study, names: list[str], args: Any, proxies: list[str]) -
         run = study.work / "supernets" / trained_as(n)
         corr = rank_variant(study, n, run, table, proxies if i == 0 else [],
                             folder=folder_of(n, f"rank-gt-partial-{tag}"))
-        result["variants"][n] = variant_entry(n, run, corr, folder=f"rank-gt-partial-{tag}")
+        result["variants"][n] = variant_entry(n, run, corr, rows, folder=f"rank-gt-partial-{tag}")
     share_scores(result, trained, proxies)
     result["ground_truth_noise"] = ground_truth_noise(rows)
     result["summary_text"] = (f"PARTIAL: {len(rows)} of {args.archs} ground-truth architectures "

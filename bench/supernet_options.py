@@ -19,7 +19,8 @@ step as the sampler gives them and their summed MACs per image, averaged over th
 a step of the first `supernet.max_warmup_epochs` epochs.
 
 Run: `nice -n 5 .venv/bin/python bench/supernet_options.py` (about 4 minutes on one loaded thread;
-BENCH_THREADS sets torch's threads, default 1). Writes bench/results/supernet_options.json and
+BENCH_THREADS sets torch's threads, default 1; `--option NAME`, repeated, measures only those
+options beside uniform, e.g. a new one with `--out` elsewhere). Writes bench/results/supernet_options.json and
 prints a markdown table.
 """
 from __future__ import annotations
@@ -67,6 +68,9 @@ OPTIONS: dict[str, list[str]] = {  # name: overrides of the fidelity-counting co
     "sandwich + per-patch norms": ["supernet.sampling=sandwich", "space.norms=per_patch"],
     "sandwich + patch cycle": ["supernet.sampling=sandwich", "supernet.patch_cycle=true"],
     "sandwich, identity shifting off": ["supernet.sampling=sandwich", "supernet.identity_shift=false"],
+    # epoch 0 of progressive shrinking: only the depth released, the widths held at their max
+    "sandwich + progressive, first stage": ["supernet.sampling=sandwich",
+                                            "supernet.progressive=[depth,mlp_dim,num_heads+attn_dim,embed_dim]"],
     "uniform + ema": ["supernet.sampling=uniform", "supernet.ema=true"],
     "max warm-up step": ["supernet.sampling=uniform", "supernet.max_warmup_epochs=1"],
 }
@@ -169,8 +173,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps of each option per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each option first")
     parser.add_argument("--batches", type=int, default=4, help="distinct random batches cycled through")
+    parser.add_argument("--option", action="append", choices=list(OPTIONS), metavar="NAME",
+                        help=f"measure only these options beside {REFERENCE!r} (repeatable; default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "supernet_options.json")
     args = parser.parse_args()
+    chosen = {n: o for n, o in OPTIONS.items() if not args.option or n == REFERENCE or n in args.option}
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     load_start = os.getloadavg()
     tic = time.perf_counter()
@@ -183,7 +190,7 @@ def main() -> None:
                    for _ in range(args.batches)]
         options = {name: Option(load_config(CONFIG, [f"output_dir={tmp}", *overrides]),
                                 Path(tmp) / str(i), batches)
-                   for i, (name, overrides) in enumerate(OPTIONS.items())}
+                   for i, (name, overrides) in enumerate(chosen.items())}
         for o in options.values():
             o.run(args.warmup)
             o.sampler.counts.clear()

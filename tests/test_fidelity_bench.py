@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(1200)
 def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "fidelity.json"
     cmd = [sys.executable, "bench/fidelity.py", "--toy", "--data", str(tiny_digits), "--work",
@@ -58,3 +59,20 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     assert sorted(r["trained_top1"] for r in partial["ground_truth"]) == pytest.approx(
         sorted(r["trained_top1"] for r in runs), abs=1e-3)
     assert "PARTIAL: 3 of 3" in proc.stdout
+    # A fresh clone (an empty --work) with the committed results and record: the ground truth and
+    # the retrained architectures come from the record, and the variants it does not measure
+    # again keep their rows.
+    record = json.loads((tmp_path / "fidelity_record.json").read_text())
+    assert len(record["ground_truth"]) == 3 and len(record["retrain"]) >= 2 * 2
+    fresh = subprocess.run([*cmd[:-1], "cyclic-sandwich", "--work", str(tmp_path / "clone")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert not (tmp_path / "clone" / "ground_truth").exists()
+    retrained = {p.name for p in (tmp_path / "clone" / "retrain").glob("*")}
+    assert not retrained & set(record["retrain"]), retrained
+    merged = json.loads(out.read_text())
+    assert list(merged["variants"]) == ["left-uniform", "cyclic-sandwich", "cyclic-sandwich-ft50"]
+    assert merged["carried_over"] == ["left-uniform", "cyclic-sandwich-ft50"]
+    assert merged["variants"]["left-uniform"] == variants["left-uniform"]  # kept as measured
+    assert len(merged["variants"]["cyclic-sandwich"]["inherited_top1"]) == 3
+    assert None not in merged["variants"]["cyclic-sandwich"]["inherited_top1"]

@@ -139,6 +139,12 @@ def locked_space(space: SearchSpace, fields: set[str]) -> SearchSpace:
                                super_mlp_dim=space.super_mlp_dim))
 
 
+def progressive_span(epochs: int, warmup: int, span: Optional[int]) -> int:
+    """The epochs over which progressive shrinking releases its items: `span`, or by default half
+    the epochs left after the max warm-up."""
+    return span or max(1, (epochs - warmup) // 2)
+
+
 def progressive_schedule(space: SearchSpace, sec: SupernetConfig) -> list[tuple[int, list[str]]]:
     """(epoch, fields) for each item of `supernet.progressive`: the epoch from which its fields
     are free. UserError for an unknown or repeated field, or a schedule that does not fit."""
@@ -155,7 +161,7 @@ def progressive_schedule(space: SearchSpace, sec: SupernetConfig) -> list[tuple[
     if sec.progressive_epochs is not None and not items:
         raise UserError("supernet.progressive_epochs is set but supernet.progressive lists no field")
     start = sec.max_warmup_epochs
-    span = sec.progressive_epochs or max(1, (sec.epochs - start) // 2)
+    span = progressive_span(sec.epochs, start, sec.progressive_epochs)
     if items and (span < len(items) or start + span > sec.epochs):
         raise UserError(f"supernet.progressive releases {len(items)} items over {span} epochs after "
                         f"max_warmup_epochs={start}: it needs an epoch per item within "

@@ -36,7 +36,8 @@ from vitas.core.metrics import evaluate_accuracy
 from vitas.core.stage import Stage, StageContext
 from vitas.supernet.model import Superformer
 from vitas.supernet.pretrained import check_timm_init, init_from_timm
-from vitas.supernet.sampling import SubnetSampler, is_bilateral, progressive_schedule, validation_archs
+from vitas.supernet.sampling import (SubnetSampler, is_bilateral, progressive_schedule, progressive_span,
+                                     validation_archs)
 from vitas.supernet.space import SearchSpace
 
 log = logging.getLogger("vitas.supernet")
@@ -93,8 +94,7 @@ def _check_split(state: dict, cfg: Config, path: Any) -> None:
 # The settings that decide which subnets each step trains and with which losses: a run resumed
 # with another value would continue a different training than the one it started.
 SAMPLING_OPTIONS = ("seed", "sampling", "distill", "distill_loss", "cost_sampling", "cost_bins",
-                    "grad_projection", "max_warmup_epochs", "patch_cycle", "identity_shift",
-                    "progressive", "progressive_epochs")
+                    "grad_projection", "max_warmup_epochs", "patch_cycle", "identity_shift", "progressive")
 
 
 def _check_sampling(state: dict, sec: SupernetConfig, path: Any) -> None:
@@ -109,6 +109,13 @@ def _check_sampling(state: dict, sec: SupernetConfig, path: Any) -> None:
         if was != now:
             raise UserError(f"{path} was trained with supernet.{name}={was!r}; this config has {now!r}, "
                             f"which would continue another training (restore it or use another output_dir)")
+    # The schedule's span must stay, not the setting: by default it is half the epochs after the
+    # warm-up, which asking for more epochs would move.
+    was = progressive_span(int(saved.get("epochs", sec.epochs)), sec.max_warmup_epochs, saved.get("progressive_epochs"))
+    now = progressive_span(sec.epochs, sec.max_warmup_epochs, sec.progressive_epochs)
+    if sec.progressive and was != now:
+        raise UserError(f"{path} released progressive shrinking's items over {was} epochs; this config "
+                        f"over {now}: set supernet.progressive_epochs={was} to keep its schedule")
 
 
 ALPHA_RANGE, ALPHA_CLIP = (-1.0, 1.0), 5.0  # AlphaNet's alpha_min, alpha_max and ratio clip

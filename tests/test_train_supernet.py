@@ -224,6 +224,14 @@ def test_a_checkpoint_without_an_option_had_its_default() -> None:
     _check_sampling(old, SupernetConfig(sampling="sandwich"), "last.pth")
     with pytest.raises(UserError, match="supernet.patch_cycle=False"):
         _check_sampling(old, SupernetConfig(sampling="sandwich", patch_cycle=True), "last.pth")
+    # More epochs would move the default progressive schedule; an explicit span keeps it.
+    shrinking = {"config": {"supernet": {"epochs": 10, "progressive": ["depth"]}}}
+    with pytest.raises(UserError, match="over 5 epochs; this config over 10: set supernet.progressive_epochs=5"):
+        _check_sampling(shrinking, SupernetConfig(epochs=20, progressive=["depth"]), "last.pth")
+    _check_sampling(shrinking, SupernetConfig(epochs=10, progressive=["depth"]), "last.pth")
+    _check_sampling(shrinking, SupernetConfig(epochs=20, progressive=["depth"], progressive_epochs=5), "last.pth")
+    with pytest.raises(UserError, match="over 5 epochs; this config over 4"):
+        _check_sampling(shrinking, SupernetConfig(epochs=20, progressive=["depth"], progressive_epochs=4), "last.pth")
 
 
 BAD_SUPERNET = [  # (override, text the one error line must contain)

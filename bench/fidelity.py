@@ -591,6 +591,7 @@ def main() -> int:
     table = study.timed("ground truth", ground_truth, study, args.archs, args.seeds,
                         args.ground_truth_executor)
     gt_rows = json.loads(table.read_text())
+    _write(record_path(args.out), study.record)  # hours of training, kept before the superformers train
     trained = list(dict.fromkeys(trained_as(n) for n in names))
     superformers = dict(zip(trained, study.timed("superformers", study.parallel,
                                                  lambda n: train_supernet(study, n), trained)))

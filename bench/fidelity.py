@@ -677,6 +677,9 @@ def carry_variants(result: dict, earlier: dict, names: list[str]) -> None:
     result["variants"] = {n: fresh.get(n) or earlier["variants"][n] for n in earlier["variants"]}
     result["variants"].update({n: v for n, v in fresh.items() if n not in result["variants"]})
     result["carried_over"] = carried
+    for part in ("budget", "stability"):  # until this run's end-to-end and stability parts replace them
+        if part in earlier:
+            result[part] = earlier[part]
     result["carried_work_seconds"] = {n: s for n, s in earlier.get("work_seconds", {}).get("superformers", {}).items()
                                       if n.split("-seed")[0] in carried}
 

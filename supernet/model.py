@@ -3,8 +3,9 @@
 Mechanisms (DESIGN 3): channel policies per dimension (`supernet.channels`), a private stem
 (patch conv, class token, position embedding) per patch size with blocks shared by all patch
 sizes, LayerNorms shared by all patch sizes or private to each (`space.norms`), q/k either
-entangled in one timm-style qkv (AutoFormer) or private per head count with a shared v (ViTAS), identity shifting through `SearchSpace.canonical`, the attention scale of the
-active head_dim, AutoFormer's 2-D relative positions, and class-token or mean pooling.
+entangled in one timm-style qkv (AutoFormer) or private per head count with a shared v (ViTAS),
+identity shifting through `SearchSpace.canonical`, the attention scale of the active head_dim,
+AutoFormer's 2-D relative positions, and class-token or mean pooling.
 The API follows Once-for-All: `set_active`, `sample`, `set_max`, `set_min`, `extract`.
 """
 from __future__ import annotations
@@ -76,7 +77,8 @@ def per_patch_norm_state(state: dict[str, torch.Tensor], space: SearchSpace) -> 
     `space`'s superformer (`norm_keys`)."""
     out = {}
     for key, value in state.items():
-        out.update({k: value for k in norm_keys(key, space)})
+        keys = norm_keys(key, space)
+        out.update({k: value.clone() if len(keys) > 1 else value for k in keys})  # copies do not alias
     return out
 
 

@@ -179,17 +179,16 @@ class SubnetSampler:
         self.space, self.sec = space, sec
         self.bins = CostBins(space, cost_fn, sec.cost_bins, sec.seed) if sec.cost_sampling == "macs_bins" else None
         self.schedule = progressive_schedule(space, sec)
-        self._spaces: dict[int, SearchSpace] = {}  # epoch's released stage -> its space
+        self._spaces: dict[int, SearchSpace] = {}  # items released -> the space they leave
 
     def space_at(self, epoch: int) -> SearchSpace:
         """The space the passes of `epoch` draw from: the whole space unless progressive
         shrinking still holds some fields at their max."""
-        held = {f for start, item in self.schedule if epoch < start for f in item}
-        if not held:
+        stage = sum(epoch >= start for start, _ in self.schedule)  # items released (starts ascend)
+        if stage == len(self.schedule):
             return self.space
-        stage = sum(epoch >= start for start, _ in self.schedule)
         if stage not in self._spaces:
-            self._spaces[stage] = locked_space(self.space, held)
+            self._spaces[stage] = locked_space(self.space, {f for _, item in self.schedule[stage:] for f in item})
         return self._spaces[stage]
 
     def passes(self, step: int, epoch: int) -> list[Pass]:

@@ -100,7 +100,8 @@ SAMPLING_OPTIONS = ("seed", "sampling", "distill", "distill_loss", "cost_samplin
 def _check_sampling(state: dict, sec: SupernetConfig, path: Any) -> None:
     """A superformer continues only with the sampling options it was trained with (a checkpoint
     written before an option existed had its default)."""
-    saved = state.get("config", {}).get("supernet") if isinstance(state.get("config"), dict) else None
+    config = state.get("config")
+    saved = config.get("supernet") if isinstance(config, dict) else None
     if not isinstance(saved, dict):
         return
     default = SupernetConfig()

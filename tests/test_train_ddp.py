@@ -38,7 +38,7 @@ def worker(cfg_path: Path, out: Path) -> None:
     calls: list[tuple[str, str]] = []
     set_active = Superformer.set_active
 
-    def recording(self: Superformer, arch: dict, side: str = "left", layers: Optional[list] = None) -> None:
+    def recording(self: Superformer, arch: dict, side: str = "left", layers: Optional[tuple[int, ...]] = None) -> None:
         calls.append((space.key(arch), side, layers))
         set_active(self, arch, side, layers)
 

@@ -593,8 +593,12 @@ def main() -> int:
     gt_rows = json.loads(table.read_text())
     _write(record_path(args.out), study.record)  # hours of training, kept before the superformers train
     trained = list(dict.fromkeys(trained_as(n) for n in names))
-    superformers = dict(zip(trained, study.timed("superformers", study.parallel,
-                                                 lambda n: train_supernet(study, n), trained)))
+    stable = list(dict.fromkeys(n for n in [DEFAULT, *args.stability.split(",")] if n in names))
+    # the stability part's second seeds train beside the first ones, `jobs` at a time
+    pairs = [(n, 0) for n in trained] + [(n, 1) for n in stable]
+    superformers = dict(zip(pairs, study.timed("superformers", study.parallel,
+                                               lambda p: train_supernet(study, *p), pairs)))
+    superformers = {n: superformers[(n, 0)] for n in trained}
     runs = {n: superformers[trained_as(n)] for n in names}
     result: dict[str, Any] = {"config": str(args.config), "data": str(args.data), "archs": args.archs,
                               "seeds": args.seeds, "proxies": proxies, "variants": {},
@@ -618,7 +622,6 @@ def main() -> int:
     for n in names:
         result["variants"][n]["end_to_end"] = budget["variants"].get(n, {})
     publish(result, study, start, args, done="end to end")
-    stable = list(dict.fromkeys(n for n in [DEFAULT, *args.stability.split(",")] if n in names))
     result["stability"] = {**{n: v for n, v in (earlier.get("stability") or {}).items() if n not in stable},
                            **dict(zip(stable, study.timed("stability", study.parallel,
                                                           lambda n: _stability(study, n, runs[n], table), stable)))}

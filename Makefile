@@ -19,7 +19,7 @@ demo: install
 	$(PY) -m vitas.demo --data $(DEMO_DATA) --output $(DEMO_OUT)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=15 tests
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

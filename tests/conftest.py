@@ -68,3 +68,13 @@ def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for png in sorted(cls.iterdir())[:keep]:
                 shutil.copy(png, root / split / cls.name / png.name)
     return root
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """For xdist (`make test` runs two workers): the tests marked `long` are collected first, so a
+    worker starts each of them early instead of one ending the run alone; the tests that queue
+    Slurm jobs share one worker, since the one-node cluster runs one of their jobs at a time."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.long
 @pytest.mark.timeout(1200)
 def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "fidelity.json"

@@ -38,6 +38,7 @@ def train(cfg_path: Path, *overrides: str) -> int:
 
 
 # ----------------------------------------------------------------------------- one run per folder
+@pytest.mark.long
 def test_a_second_run_into_a_live_folder_is_refused_and_the_first_is_untouched(
         tmp_path: Path, tiny_digits: Path, capsys: pytest.CaptureFixture) -> None:
     alone = write_yaml(tiny_config(tmp_path / "alone", tiny_digits, epochs=8, deterministic=True),

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import pytest
 import torch
 
 from vitas.core.checkpoint import load_checkpoint
@@ -87,6 +88,7 @@ def torchrun(*args: str) -> list[str]:
             *args]
 
 
+@pytest.mark.long
 def test_two_processes_equal_one(tmp_path: Path, tiny_digits: Path) -> None:
     """The same command, under torchrun with 2 processes and alone, over the same global batches
     (per-image augmentation on, Mixup and drop path off): weights within 1e-5 (float summation

@@ -134,6 +134,7 @@ OPTION_SETS = {
 }
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("options", list(OPTION_SETS))
 def test_sigkill_at_three_random_steps_resumes_bitwise(tmp_path: Path, tiny_digits: Path, options: str) -> None:
     """With augmentation, Mixup, drop path, EMA and the training options on, killed three times

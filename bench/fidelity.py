@@ -13,15 +13,16 @@ One rerunnable, resumable study, run through the real `vitas` command line:
    fine-tuned for a few steps first);
 4. ranking: per variant, `vitas rank --ground-truth TABLE` (inherited accuracy, #params, MACs;
    the proxies once): Kendall tau and Spearman rho with 95% bootstrap intervals, globally and
-   within MACs bands, top-k overlap, regret, and the difference to #params; beside them, how
-   well the ground truth agrees with itself (seed 0 against seed 1);
+   within MACs bands, top-k overlap, regret, and the difference to #params; each variant's tau
+   minus the default's, paired over the same architectures; beside them, how well the ground
+   truth agrees with itself (seed 0 against seed 1);
 5. end to end: within a middle MACs budget, each variant's GA choice (`vitas search`) and 8
    random architectures of the same budget (shared) are retrained with `--seeds` seeds: does the
    search beat the median random architecture by more than the seed spread?
-6. stability: the default variant (and those of `--stability`) trained again with another seed;
-   Kendall tau between the two superformers' rankings, and each one's tau and banded tau against the
-   truth (how far a variant's own seed moves the numbers that compare variants);
-   superformers' inherited accuracies.
+6. stability: the default variant (and those of `--stability`) trained again with another seed
+   (in step 3, beside the first); Kendall tau between the two superformers' rankings, and each
+   one's tau and banded tau against the truth (how far a variant's own seed moves the numbers
+   that compare variants).
 
 Everything is cached under `--work` (default runs/fidelity): rerunning continues where it
 stopped and recomputes only what is missing. Results: `bench/results/fidelity.json` and the
@@ -191,6 +192,13 @@ class Study:
         classes = num_classes(cfg.data)
         return space, lambda arch: space.cost(arch, classes)
 
+    def rank_settings(self) -> dict:
+        """The MACs bands and bootstrap resamples of the study's rankings (`rank.*`)."""
+        from vitas.core.config import load_config
+
+        rk = load_config(self.config, self.base).rank
+        return {"bands": rk.bands, "n_resamples": rk.bootstrap}
+
     def timed(self, name: str, fn: Any, *args: Any) -> Any:
         start = time.time()
         try:
@@ -307,6 +315,27 @@ def share_scores(result: dict, names: list[str], proxies: list[str]) -> None:
     for n in names[1:]:
         for score in proxies + ["params", "macs"]:
             result["variants"][n]["rank"]["results"]["trained_top1"].setdefault(score, shared[score])
+
+
+def versus_default(result: dict, truth: list[dict], macs: list[int], bands: int, n_resamples: int) -> None:
+    """Each variant's Kendall tau minus the default's, paired over the same ground-truth
+    architectures (a bootstrap over them; within MACs bands too): whether an option ranks better
+    than the default on this table. A superformer's own seed moves tau as well, which this interval
+    does not hold: the stability part measures that."""
+    from vitas.search.ranking.stats import correlation_difference
+
+    base = (result["variants"].get(DEFAULT) or {}).get("inherited_top1")
+    if not base or None in base:
+        return
+    target = [r["trained_top1"] for r in truth]
+    for name, v in result["variants"].items():
+        mine = v.get("inherited_top1")
+        if name == DEFAULT or not mine or None in mine:
+            continue
+        v["vs_default"] = {"kendall": correlation_difference(mine, base, target, n_resamples=n_resamples),
+                           "kendall_banded": correlation_difference(mine, base, target, cost=macs,
+                                                                    bands=min(bands, len(truth)),
+                                                                    n_resamples=n_resamples)}
 
 
 def retrain(study: Study, arch: dict, seed: int) -> float:
@@ -444,7 +473,8 @@ def table_markdown(result: dict) -> str:
     the baselines), Kendall tau with 95% intervals, global and within MACs bands."""
     target = "trained_top1"
     lines = ["| score | Kendall tau (95% CI) | within MACs bands | top-k overlap | regret (points) | "
-             "search vs random (points) | s/step |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "search vs random (points) | s/step | tau minus the default's (paired) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, v in result["variants"].items():
         corr = v["rank"]
         e2e = v.get("end_to_end", {})
@@ -452,18 +482,26 @@ def table_markdown(result: dict) -> str:
         entry = corr["results"][target]["inherited_top1"]
         lines.append(f"| inherited, {name} | {_cell(entry['kendall'])} | {_cell(entry['kendall_banded'])} | "
                      f"{_topk(entry)} | {_num(entry['regret'])} | {margin} | "
-                     f"{v['supernet']['sec_per_step']:.3f} |")
+                     f"{v['supernet']['sec_per_step']:.3f} | {_versus(v)} |")
     noise = result.get("ground_truth_noise") or {}
     if noise:
         lines.append(f"| ground truth itself: seed 0 vs seed 1 ({noise['archs']} archs) | "
-                     f"{_cell(noise['kendall_seed0_vs_seed1'])} | - | - | - | - | - |")
+                     f"{_cell(noise['kendall_seed0_vs_seed1'])} | - | - | - | - | - | - |")
     first = next(iter(result["variants"].values()))["rank"]["results"][target]
     for score in result["proxies"] + ["params", "macs"]:
         entry = first[score]
         tag = " (baseline)" if score in ("params", "macs") else ""
         lines.append(f"| {score}{tag} | {_cell(entry['kendall'])} | {_cell(entry['kendall_banded'])} | "
-                     f"{_topk(entry)} | {_num(entry['regret'])} | - | - |")
+                     f"{_topk(entry)} | {_num(entry['regret'])} | - | - | - |")
     return "\n".join(lines)
+
+
+def _versus(variant: dict) -> str:
+    """The table cell of a variant's paired difference to the default: global; within bands."""
+    vs = variant.get("vs_default")
+    if not vs:
+        return "-"
+    return f"{_cell(vs['kendall'])}; bands {_cell(vs['kendall_banded'])}"
 
 
 def patch_table(result: dict) -> str:
@@ -496,6 +534,16 @@ def write_doc(result: dict, doc: Path) -> None:
     doc.write_text(text)
 
 
+def _verdict(vs: dict) -> str:
+    """Where a paired difference to the default is shown: an interval clear of zero."""
+    said = []
+    for key, part in (("kendall", "globally"), ("kendall_banded", "within bands")):
+        c = vs[key]
+        if c["low"] is not None and (c["low"] > 0 or c["high"] < 0):
+            said.append(f"{'better' if c['low'] > 0 else 'worse'} {part}")
+    return (" and ".join(said) or "neither interval excludes zero") + "."
+
+
 def summarise(result: dict) -> str:
     """Plain sentences: where inherited accuracy beats #params and MACs, and where it does not."""
     lines = []
@@ -507,11 +555,20 @@ def summarise(result: dict) -> str:
         if inh["estimate"] is None:
             continue
         beats = inh["low"] is not None and inh["low"] > max(par["estimate"] or -1, mac["estimate"] or -1)
+        paired = res["inherited_top1"].get("vs_params")
         lines.append(f"- {name}: inherited tau {_num(inh['estimate'])} vs #params {_num(par['estimate'])}, "
                      f"MACs {_num(mac['estimate'])}; within MACs bands {_num(band['estimate'])} vs #params "
                      f"{_num(res['params']['kendall_banded']['estimate'])}. "
                      + ("Its interval's lower end is above both baselines." if beats else
-                        "It does NOT beat the size baselines with confidence."))
+                        "It does NOT beat the size baselines with confidence.")
+                     + (f" Paired against #params on the same architectures: {_cell(paired)}, within bands "
+                        f"{_cell(res['inherited_top1']['vs_params_banded'])}." if paired else ""))
+    for name, v in result["variants"].items():
+        vs = v.get("vs_default")
+        if vs and vs["kendall"]["estimate"] is not None:
+            lines.append(f"- {name} against {DEFAULT}, paired over the same architectures: tau "
+                         f"{_cell(vs['kendall'])}, within MACs bands {_cell(vs['kendall_banded'])}; "
+                         + _verdict(vs))
     budget = result.get("budget")
     if budget:
         rnd = budget["random"]
@@ -613,6 +670,8 @@ def main() -> int:
     result["ground_truth_noise"] = ground_truth_noise(gt_rows)
     earlier = earlier_results(args.out, gt_rows)
     carry_variants(result, earlier, names)
+    versus_default(result, gt_rows, [study.space_and_cost()[1](r["arch"]).macs for r in gt_rows],
+                   **study.rank_settings())
     publish(result, study, start, args, done="ranking")  # what there is so far, in case of a stop
 
     searched = names if args.end_to_end == "all" else [n for n in names if n not in SCORINGS]

@@ -2,13 +2,16 @@
 variant, rankings with intervals, search against random, stability) runs and reports."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy.stats import kendalltau
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +39,7 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     assert {"ground truth", "superformers", "ranking", "end to end", "total"} <= set(result["seconds"])
     assert "| inherited, cyclic-sandwich |" in proc.stdout
     assert result["ground_truth_noise"]["archs"] == 3
+    assert set(result["variants"]["left-uniform"]["vs_default"]) == {"kendall", "kendall_banded"}
     assert "ground truth itself: seed 0 vs seed 1" in proc.stdout
     # A second run recomputes nothing but what is new: a scoring variant, which ranks (and searches
     # with) the cyclic-sandwich superformer after fine-tuning each subnet, and trains no superformer.
@@ -81,3 +85,26 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     assert merged["variants"]["left-uniform"] == variants["left-uniform"]  # kept as measured
     assert len(merged["variants"]["cyclic-sandwich"]["inherited_top1"]) == 3
     assert None not in merged["variants"]["cyclic-sandwich"]["inherited_top1"]
+
+
+def test_each_variant_is_compared_with_the_default_paired_over_the_same_architectures() -> None:
+    spec = importlib.util.spec_from_file_location("fidelity_study", ROOT / "bench" / "fidelity.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    target = np.linspace(50.0, 80.0, 24)
+    noisy = list(target + np.random.default_rng(0).normal(0.0, 8.0, 24))
+    result = {"variants": {study.DEFAULT: {"inherited_top1": noisy},
+                           "exact": {"inherited_top1": list(target + 1.0)},
+                           "same": {"inherited_top1": list(noisy)},
+                           "unfinished": {"inherited_top1": [*noisy[:-1], None]}}}
+    study.versus_default(result, [{"trained_top1": float(t)} for t in target], macs=list(range(24)),
+                         bands=4, n_resamples=200)
+    exact = result["variants"]["exact"]["vs_default"]
+    assert exact["kendall"]["estimate"] == pytest.approx(1.0 - kendalltau(noisy, target).statistic)
+    assert exact["kendall"]["low"] > 0 and exact["kendall_banded"]["low"] > 0
+    assert study._verdict(exact) == "better globally and better within bands."
+    same = result["variants"]["same"]["vs_default"]["kendall"]
+    assert same["estimate"] == same["low"] == same["high"] == 0.0
+    assert study._verdict(result["variants"]["same"]["vs_default"]) == "neither interval excludes zero."
+    assert "vs_default" not in result["variants"]["unfinished"]  # a variant short of an architecture
+    assert "vs_default" not in result["variants"][study.DEFAULT]

@@ -28,7 +28,7 @@ Everything is cached under `--work` (default runs/fidelity): rerunning continues
 stopped and recomputes only what is missing. Results: `bench/results/fidelity.json` and the
 table between the markers in `docs/FIDELITY.md`. What costs hours and is plain data is also kept
 beside the results, in `fidelity_record.json` (committed): the ground-truth table and every
-retrained (arch, seed)'s top-1, under a key of the config, the overrides and the data files; a
+retrained (arch, seed)'s top-1, under a key of the config, the overrides and the data's bytes; a
 fresh clone with the same key reuses them instead of training them again. A run that measures
 only some variants keeps the others' rows of the results file when its ground truth is the same
 (`carried_over` names them). `--toy` runs the whole study on a few digits
@@ -136,11 +136,14 @@ class Study:
         self.record: dict = {"key": None, "ground_truth": None, "retrain": {}}
 
     def record_key(self, dataset: str) -> dict:
-        """What the recorded runs depend on: the config's bytes, the overrides, and the data
-        files (names and sizes: the generators are deterministic, so equal files are equal data)."""
-        files = sorted((str(f.relative_to(self.data)), f.stat().st_size) for f in self.data.rglob("*") if f.is_file())
+        """What the recorded runs depend on: the config's bytes, the overrides, and the data's
+        bytes (every file's path and content: a data set generated again must equal the one the
+        record was trained on, byte for byte)."""
+        digest = hashlib.sha1()
+        for f in sorted(p for p in self.data.rglob("*") if p.is_file()):
+            digest.update(str(f.relative_to(self.data)).encode() + b"\0" + f.read_bytes())
         return {"config_sha1": hashlib.sha1(self.config.read_bytes()).hexdigest(), "overrides": self.extra,
-                "dataset": dataset, "data_files_sha1": hashlib.sha1(json.dumps(files).encode()).hexdigest()}
+                "dataset": dataset, "data_sha1": digest.hexdigest()}
 
     def load_record(self, path: Path, dataset: str) -> None:
         """The committed record of `path` if its key is this study's, else an empty one."""

@@ -658,8 +658,7 @@ def main() -> int:
     pairs = [(n, 0) for n in trained] + [(n, 1) for n in stable]
     superformers = dict(zip(pairs, study.timed("superformers", study.parallel,
                                                lambda p: train_supernet(study, *p), pairs)))
-    superformers = {n: superformers[(n, 0)] for n in trained}
-    runs = {n: superformers[trained_as(n)] for n in names}
+    runs = {n: superformers[(trained_as(n), 0)] for n in names}
     result: dict[str, Any] = {"config": str(args.config), "data": str(args.data), "archs": args.archs,
                               "seeds": args.seeds, "proxies": proxies, "variants": {},
                               "ground_truth_sha1": truth_sha1(gt_rows)}
@@ -673,8 +672,8 @@ def main() -> int:
     result["ground_truth_noise"] = ground_truth_noise(gt_rows)
     earlier = earlier_results(args.out, gt_rows)
     carry_variants(result, earlier, names)
-    versus_default(result, gt_rows, [study.space_and_cost()[1](r["arch"]).macs for r in gt_rows],
-                   **study.rank_settings())
+    _, cost = study.space_and_cost()
+    versus_default(result, gt_rows, [cost(r["arch"]).macs for r in gt_rows], **study.rank_settings())
     publish(result, study, start, args, done="ranking")  # what there is so far, in case of a stop
 
     searched = names if args.end_to_end == "all" else [n for n in names if n not in SCORINGS]

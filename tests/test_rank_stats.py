@@ -95,6 +95,19 @@ def test_banded_correlation_is_the_weighted_mean_of_band_correlations() -> None:
     assert stats.correlation(cost, target, n_resamples=200)["estimate"] > 0.6 > abs(b["estimate"]) + 0.3
 
 
+def test_banded_estimate_is_the_banded_correlation_without_its_interval() -> None:
+    """The estimate alone, invalid pairs left out the same way, None for a score with one value."""
+    rng = np.random.default_rng(3)
+    cost = rng.permutation(30).astype(float)
+    target = cost / 10 + rng.normal(size=30)
+    score = target + rng.normal(size=30)
+    score[[4, 17]] = np.nan
+    for method in stats.METHODS:
+        full = stats.banded_correlation(score, target, cost, bands=3, method=method, n_resamples=50)
+        assert stats.banded_estimate(score, target, cost, bands=3, method=method) == full["estimate"]
+    assert stats.banded_estimate([1.0] * 30, target, cost, bands=3) is None
+
+
 def test_top_k_overlap_and_regret_by_hand() -> None:
     target = [0.9, 0.8, 0.7, 0.6, 0.5]
     score = [1.0, 5.0, 2.0, 4.0, 3.0]  # best by score: 0.8; top 2 by score {1, 3}, by target {0, 1}

@@ -153,6 +153,19 @@ def cost_bands(cost: Values, bands: int) -> list[np.ndarray]:
     return np.array_split(np.argsort(as_array(cost), kind="stable"), bands)
 
 
+def banded_estimate(score: Values, target: Values, cost: Values, bands: int = 4,
+                    method: str = "kendall") -> Optional[float]:
+    """`banded_correlation`'s estimate alone (no interval), cheap enough to repeat over many
+    resamples of the images a score is measured on; None when the score is degenerate."""
+    ok = valid_mask(score, target)
+    s = as_array(score)
+    groups = [g for g in (band[ok[band]] for band in cost_bands(cost, bands)) if len(g)]
+    if is_degenerate(s[ok]) or not groups:
+        return None
+    corr = Correlation(np.nan_to_num(s), np.nan_to_num(as_array(target)), method)
+    return _nan_none(float(_grouped(corr, groups)(*groups)))
+
+
 def banded_correlation(score: Values, target: Values, cost: Values, bands: int = 4, method: str = "kendall",
                        confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> dict:
     """`correlation` inside equal-count cost bands (cut over all architectures, invalid ones then
@@ -172,10 +185,9 @@ def banded_correlation(score: Values, target: Values, cost: Values, bands: int =
     groups = [g for g in groups if len(g)]
     if out["degenerate"] or not groups:
         return out
-    statistic = _grouped(corr, groups)
-    out["estimate"] = _nan_none(float(statistic(*groups)))
+    out["estimate"] = banded_estimate(score, target, cost, bands, method)
     if out["estimate"] is not None:
-        out["low"], out["high"] = _interval(groups, statistic, confidence, n_resamples, seed)
+        out["low"], out["high"] = _interval(groups, _grouped(corr, groups), confidence, n_resamples, seed)
     return out
 
 

@@ -282,21 +282,32 @@ def rank_variant(study: Study, name: str, run: Path, table: Path, proxies: list[
     return json.loads(result.read_text())
 
 
-def by_patch(ranking: Path) -> dict:
-    """Per patch size of a ranking.csv: its architectures, Kendall tau of inherited against
-    trained accuracy among them, and the mean points by which inherited accuracy falls short of
-    trained (where a superformer's error is systematic rather than noise)."""
+GENES = {"patch_size": "patch", "embed_dim": "embed"}  # where a superformer's error is looked for
+
+
+def by_gene(inherited: list[Optional[float]], truth: list[dict], gene: str) -> dict:
+    """Per value of `gene` (patch size, embed width) over the ground-truth architectures: how many,
+    Kendall tau of inherited against trained accuracy among them, and the mean points by which
+    inherited accuracy falls short of trained (where a superformer's error is systematic rather
+    than noise)."""
     from scipy.stats import kendalltau
 
-    rows = _csv(ranking)
     out = {}
-    for patch in sorted({json.loads(r["arch"])["patch_size"] for r in rows}):
-        part = [r for r in rows if json.loads(r["arch"])["patch_size"] == patch]
-        x, y = ([float(r[k]) for r in part] for k in ("inherited_top1", "trained_top1"))
+    for value in sorted({r["arch"][gene] for r in truth}):
+        part = [(x, r["trained_top1"]) for x, r in zip(inherited, truth) if r["arch"][gene] == value and x is not None]
+        x, y = np.array(part, dtype=np.float64).T if part else (np.array([]), np.array([]))
         tau = float(kendalltau(x, y).statistic) if len(part) > 2 else None
-        out[str(patch)] = {"archs": len(part), "kendall": None if tau != tau else tau,
-                           "shortfall": float(np.mean(np.array(y) - np.array(x)))}
+        out[str(value)] = {"archs": len(part), "kendall": None if tau != tau else tau,
+                           "shortfall": float(np.mean(y - x)) if part else None}
     return out
+
+
+def breakdowns(variant: dict, truth: list[dict]) -> None:
+    """A variant's `by_patch_size`, `by_embed_dim`, ... from its inherited top-1 per architecture
+    (so rows carried over from an earlier run get them too)."""
+    for gene in GENES:
+        variant[f"by_{gene}"] = by_gene(variant["inherited_top1"], truth, gene)
+    variant.pop("by_patch", None)  # the name before stop 24
 
 
 def variant_entry(name: str, run: Path, corr: dict, truth: list[dict], folder: str = "rank-gt") -> dict:
@@ -307,12 +318,13 @@ def variant_entry(name: str, run: Path, corr: dict, truth: list[dict], folder: s
     what = SCORINGS[name][0] if name in SCORINGS else VARIANTS[name][0]
     ranking = run / folder_of(name, folder) / "rank" / "ranking.csv"
     inherited = {_arch_key(json.loads(r["arch"])): float(r["inherited_top1"]) for r in _csv(ranking)}
-    return {"what": what, "trained_as": trained_as(name), "rank": corr,
-            "inherited_top1": [inherited.get(_arch_key(r["arch"])) for r in truth],
-            "by_patch": by_patch(ranking),
-            "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
+    entry = {"what": what, "trained_as": trained_as(name), "rank": corr,
+             "inherited_top1": [inherited.get(_arch_key(r["arch"])) for r in truth],
+             "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
                          "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
                          "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
+    breakdowns(entry, truth)
+    return entry
 
 
 def share_scores(result: dict, names: list[str], proxies: list[str]) -> None:
@@ -511,28 +523,30 @@ def _versus(variant: dict) -> str:
     return f"{_cell(vs['kendall'])}; bands {_cell(vs['kendall_banded'])}"
 
 
-def patch_table(result: dict) -> str:
-    """Per variant and patch size: Kendall tau within the patch size and the mean shortfall of
+def gene_table(result: dict, gene: str) -> str:
+    """Per variant and value of `gene`: Kendall tau within the value and the mean shortfall of
     inherited against trained accuracy."""
-    patches = sorted({p for v in result["variants"].values() for p in v.get("by_patch", {})}, key=int)
-    if not patches:
+    values = sorted({g for v in result["variants"].values() for g in v.get(f"by_{gene}", {})}, key=int)
+    if not values:
         return ""
-    head = " | ".join(f"patch {p}: tau, shortfall" for p in patches)
-    lines = [f"| variant | {head} |", "| --- |" + " --- |" * len(patches)]
+    head = " | ".join(f"{GENES[gene]} {g}: tau, shortfall" for g in values)
+    lines = [f"| variant | {head} |", "| --- |" + " --- |" * len(values)]
     for name, v in result["variants"].items():
         cells = []
-        for p in patches:
-            c = v.get("by_patch", {}).get(p)
-            cells.append("-" if c is None else f"{_signed(c['kendall'])}, {c['shortfall']:.1f} ({c['archs']} archs)")
+        for g in values:
+            c = v.get(f"by_{gene}", {}).get(g)
+            cells.append("-" if c is None or c["shortfall"] is None
+                         else f"{_signed(c['kendall'])}, {c['shortfall']:.1f} ({c['archs']} archs)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_doc(result: dict, doc: Path) -> None:
     text = doc.read_text() if doc.is_file() else "# Fidelity\n"
-    patches = patch_table(result)
-    patches = f"\nBy patch size (inherited accuracy against trained, points short):\n\n{patches}\n" if patches else ""
-    block = f"{BEGIN}\n{table_markdown(result)}\n{patches}\n{result['summary_text']}\n{END}"
+    parts = [(f"By {label} (inherited accuracy against trained, points short):", gene_table(result, gene))
+             for gene, label in (("patch_size", "patch size"), ("embed_dim", "embed width"))]
+    genes = "".join(f"\n{title}\n\n{table}\n" for title, table in parts if table)
+    block = f"{BEGIN}\n{table_markdown(result)}\n{genes}\n{result['summary_text']}\n{END}"
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
         text = head + block + rest.split(END, 1)[1]
@@ -676,6 +690,9 @@ def main() -> int:
     result["ground_truth_noise"] = ground_truth_noise(gt_rows)
     earlier = earlier_results(args.out, gt_rows)
     carry_variants(result, earlier, names)
+    for row in result["variants"].values():  # carried rows from before stop 24 lack the embed breakdown
+        if row.get("inherited_top1"):
+            breakdowns(row, gt_rows)
     _, cost = study.space_and_cost()
     versus_default(result, gt_rows, [cost(r["arch"]).macs for r in gt_rows], **study.rank_settings())
     publish(result, study, start, args, done="ranking")  # what there is so far, in case of a stop

@@ -32,7 +32,8 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
         assert {"inherited_top1", "params", "macs", "length_distortion"} <= set(per_score)
         assert set(per_score["inherited_top1"]["kendall"]) >= {"estimate", "low", "high", "n"}
         assert variant["supernet"]["steps"] > 0 and "margin" in variant["end_to_end"]
-        assert sum(p["archs"] for p in variant["by_patch"].values()) == 3  # every architecture, by patch size
+        for gene in ("patch_size", "embed_dim"):  # every architecture, by patch size and by embed width
+            assert sum(p["archs"] for p in variant[f"by_{gene}"].values()) == 3
     runs = json.loads((tmp_path / "work" / "ground_truth.json").read_text())
     assert len(runs) == 3 and all(len(r["seed_runs"]) == 2 for r in runs)
     assert set(result["stability"]) == {"cyclic-sandwich"} and "tau_between_seeds" in result["stability"]["cyclic-sandwich"]

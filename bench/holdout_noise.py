@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -92,10 +94,14 @@ def summary(values: list[float]) -> dict:
 
 
 def measure(study: "fidelity.Study", name: str, rows: list[dict], fresh: Path, sizes: list[int],
-            draws: int) -> dict:
-    """One superformer: its hold-out's tau, the fresh set's, and tau over draws of each size."""
+            draws: int, table_row: Optional[list]) -> dict:
+    """One superformer (`name`: a variant, or `VARIANT-seedN` for another seed of it): its
+    hold-out's tau, the fresh set's, and tau over draws of each size; with the results table's
+    row of the variant, how closely this superformer's hold-out accuracies rank like that row's
+    (the same superformer gives 1; one trained again, on this or another machine, less)."""
     run = study.work / "supernets" / name
-    cfg = load_config(study.config, [*study.base, *study.overrides(name),
+    variant = re.sub(r"-seed\d+$", "", name)
+    cfg = load_config(study.config, [*study.base, *study.overrides(variant),
                                      f"supernet.checkpoint={run / 'supernet' / 'last.pth'}"])
     archs = [r["arch"] for r in rows]
     truth = np.array([r["trained_top1"] for r in rows])
@@ -109,7 +115,9 @@ def measure(study: "fidelity.Study", name: str, rows: list[dict], fresh: Path, s
     fresh_batches = image_batches(cfg, fresh)
     labels = torch.cat([t for _, t in fresh_batches]).numpy()
     new = correct_matrix(cfg, archs, fresh_batches)
-    out = {"holdout_images": int(held.shape[1]), "fresh_images": int(new.shape[1])}
+    out = {"holdout_images": int(held.shape[1]), "fresh_images": int(new.shape[1]),
+           "train_seconds": json.loads((run / "supernet" / "summary.json").read_text())["train_seconds"],
+           "tau_vs_table_row": None if table_row is None else estimate(held.mean(axis=1), table_row)}
     out["holdout"] = dict(zip(("tau", "banded"), taus(held, truth, macs, bands)))
     out["fresh"] = dict(zip(("tau", "banded"), taus(new, truth, macs, bands)))
     out["fresh_top1"] = (100 * new.mean(axis=1)).tolist()
@@ -129,7 +137,8 @@ def main() -> int:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="the fidelity study's data folder")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fidelity", help="the fidelity study's cache")
-    parser.add_argument("--variants", required=True, help="comma-separated superformers of the study")
+    parser.add_argument("--variants", required=True,
+                        help="comma-separated superformers of the study (VARIANT, or VARIANT-seedN for another seed)")
     parser.add_argument("--fresh", type=Path, default=ROOT / "runs" / "holdout-noise" / "data-counting-seed1",
                         help="unseen images (written with `vitas data counting --seed 1` if missing)")
     parser.add_argument("--fresh-per-class", type=int, default=2000)
@@ -149,9 +158,12 @@ def main() -> int:
         result = {"ground_truth_sha1": fidelity.truth_sha1(rows), "variants": {}}
     result.update({"config": str(args.config), "fresh": {"seed": 1, "per_class": args.fresh_per_class},
                    "draws": args.draws, "ground_truth_noise": fidelity.ground_truth_noise(rows)})
+    table = json.loads(fidelity.RESULTS.read_text()) if fidelity.RESULTS.is_file() else {}
+    same_table = table.get("ground_truth_sha1") == fidelity.truth_sha1(rows)
     for name in filter(None, args.variants.split(",")):
+        row = (table.get("variants", {}).get(name) or {}).get("inherited_top1") if same_table else None
         result["variants"][name] = measure(study, name, rows, args.fresh.resolve(),
-                                           [int(s) for s in args.sizes.split(",")], args.draws)
+                                           [int(s) for s in args.sizes.split(",")], args.draws, row)
         print(name, json.dumps({k: v for k, v in result["variants"][name].items() if k != "fresh_top1"}))
     result["seconds"] = round(time.time() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -282,7 +282,8 @@ def rank_variant(study: Study, name: str, run: Path, table: Path, proxies: list[
     return json.loads(result.read_text())
 
 
-GENES = {"patch_size": "patch", "embed_dim": "embed"}  # where a superformer's error is looked for
+# where a superformer's error is looked for: gene -> (table column, table title)
+GENES = {"patch_size": ("patch", "patch size"), "embed_dim": ("embed", "embed width")}
 
 
 def by_gene(inherited: list[Optional[float]], truth: list[dict], gene: str) -> dict:
@@ -321,8 +322,8 @@ def variant_entry(name: str, run: Path, corr: dict, truth: list[dict], folder: s
     entry = {"what": what, "trained_as": trained_as(name), "rank": corr,
              "inherited_top1": [inherited.get(_arch_key(r["arch"])) for r in truth],
              "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
-                         "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
-                         "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
+                          "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
+                          "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
     breakdowns(entry, truth)
     return entry
 
@@ -529,7 +530,7 @@ def gene_table(result: dict, gene: str) -> str:
     values = sorted({g for v in result["variants"].values() for g in v.get(f"by_{gene}", {})}, key=int)
     if not values:
         return ""
-    head = " | ".join(f"{GENES[gene]} {g}: tau, shortfall" for g in values)
+    head = " | ".join(f"{GENES[gene][0]} {g}: tau, shortfall" for g in values)
     lines = [f"| variant | {head} |", "| --- |" + " --- |" * len(values)]
     for name, v in result["variants"].items():
         cells = []
@@ -543,8 +544,8 @@ def gene_table(result: dict, gene: str) -> str:
 
 def write_doc(result: dict, doc: Path) -> None:
     text = doc.read_text() if doc.is_file() else "# Fidelity\n"
-    parts = [(f"By {label} (inherited accuracy against trained, points short):", gene_table(result, gene))
-             for gene, label in (("patch_size", "patch size"), ("embed_dim", "embed width"))]
+    parts = [(f"By {title} (inherited accuracy against trained, points short):", gene_table(result, gene))
+             for gene, (_, title) in GENES.items()]
     genes = "".join(f"\n{title}\n\n{table}\n" for title, table in parts if table)
     block = f"{BEGIN}\n{table_markdown(result)}\n{genes}\n{result['summary_text']}\n{END}"
     if BEGIN in text:
@@ -765,7 +766,12 @@ def carry_variants(result: dict, earlier: dict, names: list[str]) -> None:
     for part in ("budget", "stability"):  # until this run's end-to-end and stability parts replace them
         if part in earlier:
             result[part] = earlier[part]
-    result["carried_work_seconds"] = {n: s for n, s in earlier.get("work_seconds", {}).get("superformers", {}).items()
+    # a carried row's superformer seconds: from the run that measured it (the cache may since hold
+    # another superformer of the same name, trained again)
+    then = [n for n in earlier["variants"] if n not in earlier.get("carried_over", [])]
+    measured = {n: s for n, s in earlier.get("work_seconds", {}).get("superformers", {}).items()
+                if n.split("-seed")[0] in then}
+    result["carried_work_seconds"] = {n: s for n, s in {**measured, **earlier.get("carried_work_seconds", {})}.items()
                                       if n.split("-seed")[0] in carried}
 
 

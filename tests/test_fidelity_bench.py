@@ -109,3 +109,21 @@ def test_each_variant_is_compared_with_the_default_paired_over_the_same_architec
     assert study._verdict(result["variants"]["same"]["vs_default"]) == "neither interval excludes zero."
     assert "vs_default" not in result["variants"]["unfinished"]  # a variant short of an architecture
     assert "vs_default" not in result["variants"][study.DEFAULT]
+
+
+def test_carried_rows_keep_the_seconds_of_the_run_that_measured_them() -> None:
+    """Over successive runs that each measure one more variant, a carried row keeps its
+    superformer's seconds from the run that trained it, not from a superformer of the same name
+    the cache holds later."""
+    spec = importlib.util.spec_from_file_location("fidelity_carry", ROOT / "bench" / "fidelity.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    first = {"variants": {"a": {}, "b": {}}, "work_seconds": {"superformers": {"a": 10.0, "a-seed1": 11.0, "b": 20.0}}}
+    second = {"variants": {"c": {}}}
+    study.carry_variants(second, first, ["c"])
+    second["work_seconds"] = {"superformers": {"a": 99.0, "c": 30.0}}  # `a` trained again since
+    assert second["carried_over"] == ["a", "b"]
+    assert second["carried_work_seconds"] == {"a": 10.0, "a-seed1": 11.0, "b": 20.0}
+    third = {"variants": {"d": {}}}
+    study.carry_variants(third, second, ["d"])
+    assert third["carried_work_seconds"] == {"a": 10.0, "a-seed1": 11.0, "b": 20.0, "c": 30.0}

@@ -691,9 +691,9 @@ def main() -> int:
     result["ground_truth_noise"] = ground_truth_noise(gt_rows)
     earlier = earlier_results(args.out, gt_rows)
     carry_variants(result, earlier, names)
-    for row in result["variants"].values():  # carried rows from before stop 24 lack the embed breakdown
-        if row.get("inherited_top1"):
-            breakdowns(row, gt_rows)
+    for n in result.get("carried_over", []):  # rows from before stop 24 lack the embed breakdown
+        if result["variants"][n].get("inherited_top1"):
+            breakdowns(result["variants"][n], gt_rows)
     _, cost = study.space_and_cost()
     versus_default(result, gt_rows, [cost(r["arch"]).macs for r in gt_rows], **study.rank_settings())
     publish(result, study, start, args, done="ranking")  # what there is so far, in case of a stop

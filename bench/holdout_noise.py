@@ -45,9 +45,10 @@ import fidelity  # bench/fidelity.py: the study's variants and their overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "holdout_noise.json"
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def correct_matrix(cfg: Config, archs: list[dict], batches: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+def correct_matrix(cfg: Config, archs: list[dict], batches: Batches) -> np.ndarray:
     """(architectures x images) booleans: is the superformer's top-1 right with each arch active."""
     if sides(cfg) != ("left",):
         raise SystemExit("a bilateral superformer scores two passes; this bench reads one")
@@ -62,7 +63,7 @@ def correct_matrix(cfg: Config, archs: list[dict], batches: list[tuple[torch.Ten
     return np.stack(rows)
 
 
-def image_batches(cfg: Config, root: Path, batch_size: int = 500) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def image_batches(cfg: Config, root: Path, batch_size: int = 500) -> Batches:
     """The val/ images of another data folder of the same classes, decoded once, in batches."""
     data = dataclasses.replace(cfg.data, root=str(root))
     loader = create_loader(build_dataset(data, "val", cfg.space.img_size, is_training=False),
@@ -81,40 +82,38 @@ def balanced_draws(labels: np.ndarray, n: int, draws: int, seed: int) -> np.ndar
     return np.stack([np.concatenate([rng.choice(m, per, replace=False) for m in members]) for _ in range(draws)])
 
 
-def taus(correct: np.ndarray, truth: np.ndarray, macs: np.ndarray, bands: int) -> tuple[float, float]:
+def taus(correct: np.ndarray, truth: np.ndarray, macs: np.ndarray, bands: int) -> tuple[Optional[float], Optional[float]]:
     """Kendall tau of the archs' accuracy on these images against the truth, global and banded."""
     acc = correct.mean(axis=1)
     return estimate(acc, truth), banded_estimate(acc, truth, macs, bands)
 
 
-def summary(values: list[float]) -> dict:
+def summary(values: list[Optional[float]]) -> dict:
+    """Median, mean, 5th and 95th percentile of the defined values (a draw can tie every arch)."""
     v = np.array([x for x in values if x is not None], dtype=np.float64)
     return {"median": float(np.median(v)), "mean": float(v.mean()), "p05": float(np.quantile(v, 0.05)),
             "p95": float(np.quantile(v, 0.95)), "draws": int(len(v))}
 
 
-def measure(study: "fidelity.Study", name: str, rows: list[dict], fresh: Path, sizes: list[int],
-            draws: int, table_row: Optional[list]) -> dict:
+def measure(study: "fidelity.Study", name: str, rows: list[dict], *, fresh: Batches, macs: np.ndarray,
+            bands: int, sizes: list[int], draws: int, table_row: Optional[list]) -> dict:
     """One superformer (`name`: a variant, or `VARIANT-seedN` for another seed of it): its
-    hold-out's tau, the fresh set's, and tau over draws of each size; with the results table's
-    row of the variant, how closely this superformer's hold-out accuracies rank like that row's
-    (the same superformer gives 1; one trained again, on this or another machine, less)."""
+    hold-out's tau, the `fresh` images' (decoded once for all superformers), and tau over draws
+    of each size; with the results table's row of the variant, how closely this superformer's
+    hold-out accuracies rank like that row's (the same superformer gives 1; one trained again, on
+    this or another machine, less)."""
     run = study.work / "supernets" / name
     variant = re.sub(r"-seed\d+$", "", name)
     cfg = load_config(study.config, [*study.base, *study.overrides(variant),
                                      f"supernet.checkpoint={run / 'supernet' / 'last.pth'}"])
     archs = [r["arch"] for r in rows]
     truth = np.array([r["trained_top1"] for r in rows])
-    _, cost = study.space_and_cost()
-    macs = np.array([cost(a).macs for a in archs], dtype=np.float64)
-    bands = study.rank_settings()["bands"]
     held = correct_matrix(cfg, archs, holdout_batches(cfg, 500))
     recorded = [float(r["inherited_top1"]) for r in fidelity._csv(run / "rank-gt" / "rank" / "ranking.csv")]
     if not np.allclose(100 * held.mean(axis=1), recorded, atol=1e-6):
         raise SystemExit(f"{name}: the hold-out top-1 here differs from the study's inherited_top1")
-    fresh_batches = image_batches(cfg, fresh)
-    labels = torch.cat([t for _, t in fresh_batches]).numpy()
-    new = correct_matrix(cfg, archs, fresh_batches)
+    labels = torch.cat([t for _, t in fresh]).numpy()
+    new = correct_matrix(cfg, archs, fresh)
     out = {"holdout_images": int(held.shape[1]), "fresh_images": int(new.shape[1]),
            "train_seconds": json.loads((run / "supernet" / "summary.json").read_text())["train_seconds"],
            "tau_vs_table_row": None if table_row is None else estimate(held.mean(axis=1), table_row)}
@@ -160,10 +159,17 @@ def main() -> int:
                    "draws": args.draws, "ground_truth_noise": fidelity.ground_truth_noise(rows)})
     table = json.loads(fidelity.RESULTS.read_text()) if fidelity.RESULTS.is_file() else {}
     same_table = table.get("ground_truth_sha1") == fidelity.truth_sha1(rows)
+    # what every superformer shares: the unseen images (the variants change no transform) and the costs
+    fresh = image_batches(load_config(study.config, study.base), args.fresh.resolve())
+    _, cost = study.space_and_cost()
+    macs = np.array([cost(r["arch"]).macs for r in rows], dtype=np.float64)
+    bands = study.rank_settings()["bands"]
     for name in filter(None, args.variants.split(",")):
         row = (table.get("variants", {}).get(name) or {}).get("inherited_top1") if same_table else None
-        result["variants"][name] = measure(study, name, rows, args.fresh.resolve(),
-                                           [int(s) for s in args.sizes.split(",")], args.draws, row)
+        result["variants"][name] = measure(study, name, rows, fresh=fresh, macs=macs,
+                                           bands=bands,
+                                           sizes=[int(s) for s in args.sizes.split(",")], draws=args.draws,
+                                           table_row=row)
         print(name, json.dumps({k: v for k, v in result["variants"][name].items() if k != "fresh_top1"}))
     result["seconds"] = round(time.time() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ One rerunnable, resumable study, run through the real `vitas` command line:
    truth agrees with itself (seed 0 against seed 1);
 5. end to end: within a middle MACs budget, each variant's GA choice (`vitas search`) and 8
    random architectures of the same budget (shared) are retrained with `--seeds` seeds: does the
-   search beat the median random architecture by more than the seed spread?
+   search beat the median random architecture by more than the seed spread? Beside them the same
+   GA scoring by #params alone, retrained the same way: does it beat a search by size?
 6. stability: the default variant (and those of `--stability`) trained again with another seed
    (in step 3, beside the first); Kendall tau between the two superformers' rankings, and each
    one's tau and banded tau against the truth (how far a variant's own seed moves the numbers
@@ -402,6 +403,18 @@ def search_choice(study: Study, name: str, run: Path, budget: tuple[int, int]) -
     return json.loads(arch.read_text())
 
 
+def size_choice(study: Study, budget: tuple[int, int]) -> dict:
+    """The same GA within `budget` scoring by #params alone (no superformer): the architecture a
+    search by size would pick, against which a superformer's search has to show its worth."""
+    out = study.work / "search-params"
+    arch = out / "search" / "arch.json"
+    if not arch.is_file():
+        study.stage("search", out, "search.algorithm=ga", "search.scorer=proxy", "proxy.names=[params]",
+                    "proxy.weights=[1.0]", "proxy.combine=weighted",
+                    f"search.macs_min={budget[0]}", f"search.macs_max={budget[1]}")
+    return json.loads(arch.read_text())
+
+
 def ground_truth_noise(rows: list[dict]) -> dict:
     """How well the ground truth agrees with itself: Kendall tau (95% interval) between the
     rankings of its first two seeds, and their mean absolute difference. A score ranked against
@@ -511,11 +524,14 @@ def table_markdown(result: dict) -> str:
         lines.append(f"| ground truth itself: seed 0 vs seed 1 ({noise['archs']} archs) | "
                      f"{_cell(noise['kendall_seed0_vs_seed1'])} | - | - | - | - | - | - |")
     first = next(iter(result["variants"].values()))["rank"]["results"][target]
+    by_size = (result.get("budget") or {}).get("params")  # the GA's choice scoring by #params
     for score in result["proxies"] + ["params", "macs"]:
         entry = first[score]
         tag = " (baseline)" if score in ("params", "macs") else ""
+        search = "-" if score != "params" or not by_size else \
+            f"{by_size['margin']:+.2f} (spread {by_size['seed_spread']:.2f})"
         lines.append(f"| {score}{tag} | {_cell(entry['kendall'])} | {_cell(entry['kendall_banded'])} | "
-                     f"{_topk(entry)} | {_num(entry['regret'])} | - | - | - |")
+                     f"{_topk(entry)} | {_num(entry['regret'])} | {search} | - | - |")
     return "\n".join(lines)
 
 
@@ -601,6 +617,15 @@ def summarise(result: dict) -> str:
                      f"{len(rnd['top1'])} random architectures, retrained, is {rnd['median']:.2f} % (mean seed "
                      f"spread {rnd['seed_spread']:.2f}); the GA's choice beats it by more than the seed spread "
                      f"with {', '.join(n for n, v in budget['variants'].items() if v['beats_random']) or 'no variant'}.")
+        size = budget.get("params")
+        if size:
+            ahead = [n for n, v in budget["variants"].items()
+                     if v["mean"] - size["mean"] > max(v["seed_spread"], size["seed_spread"])]
+            lines.append(f"- The same GA scoring by #params alone (no superformer) picks an architecture that "
+                         f"retrains to {size['mean']:.2f} % ({size['margin']:+.2f} against the random median, seed "
+                         f"spread {size['seed_spread']:.2f}). Each variant's choice minus it: "
+                         + ", ".join(f"{n} {v['mean'] - size['mean']:+.2f}" for n, v in budget["variants"].items())
+                         + "; beyond both choices' seed spreads: " + (", ".join(ahead) or "none") + ".")
     for name, stability in (result.get("stability") or {}).items():
         lines.append(f"- Stability: two {name} superformers (supernet.seed 0 and 1) rank the architectures "
                      f"with tau {_signed(stability['tau_between_seeds'])} to each other, "
@@ -853,12 +878,16 @@ def _end_to_end(study: Study, names: list[str], runs: dict[str, Path], gt_rows: 
     choices = study.parallel(lambda n: search_choice(study, n, runs[n], budget), names)
     out = {"macs": list(budget), "random": {"archs": randoms, "top1": per_random, "median": median,
                                             "seed_spread": float(np.mean(spread))}, "variants": {}}
-    for n, arch in zip(names, choices):
+
+    def retrained(arch: dict) -> dict:
         top1 = study.parallel(lambda s: retrain(study, arch, s), seeds)
-        mean = float(np.mean(top1))
-        out["variants"][n] = {"arch": arch, "top1": top1, "mean": mean, "margin": mean - median,
-                              "seed_spread": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
-                              "beats_random": bool(mean - median > max(np.mean(spread), np.std(top1, ddof=1) if len(top1) > 1 else 0))}
+        mean, sd = float(np.mean(top1)), float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0
+        return {"arch": arch, "top1": top1, "mean": mean, "margin": mean - median, "seed_spread": sd,
+                "beats_random": bool(mean - median > max(np.mean(spread), sd))}
+
+    out["params"] = retrained(size_choice(study, budget))
+    for n, arch in zip(names, choices):
+        out["variants"][n] = retrained(arch)
     return out
 
 

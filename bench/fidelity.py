@@ -405,8 +405,9 @@ def search_choice(study: Study, name: str, run: Path, budget: tuple[int, int]) -
 
 def size_choice(study: Study, budget: tuple[int, int]) -> dict:
     """The same GA within `budget` scoring by #params alone (no superformer): the architecture a
-    search by size would pick, against which a superformer's search has to show its worth."""
-    out = study.work / "search-params"
+    search by size would pick, against which a superformer's search has to show its worth (cached
+    per budget)."""
+    out = study.work / f"search-params-{budget[0]}-{budget[1]}"
     arch = out / "search" / "arch.json"
     if not arch.is_file():
         study.stage("search", out, "search.algorithm=ga", "search.scorer=proxy", "proxy.names=[params]",

@@ -44,7 +44,8 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     assert "ground truth itself: seed 0 vs seed 1" in proc.stdout
     # Beside the superformers' searches, the same GA scoring by #params alone, retrained the same way.
     size = result["budget"]["params"]
-    searched = json.loads((tmp_path / "work" / "search-params" / "search" / "arch.json").read_text())
+    folder = tmp_path / "work" / f"search-params-{result['budget']['macs'][0]}-{result['budget']['macs'][1]}"
+    searched = json.loads((folder / "search" / "arch.json").read_text())
     assert size["arch"] == searched and len(size["top1"]) == 2 and "margin" in size
     assert "scoring by #params alone" in proc.stdout
     # A second run recomputes nothing but what is new: a scoring variant, which ranks (and searches

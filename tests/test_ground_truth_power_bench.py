@@ -85,3 +85,4 @@ def test_the_bench_runs_on_a_record(tmp_path: Path) -> None:
     assert set(result["grid"][0]["scores"]) == {"oracle", "params", "macs", "inherited, cyclic-sandwich"}
     assert result["measured"]["params"]["estimate"] == pytest.approx(1.0)  # params grow with the top-1 here
     assert 0.0 <= result["this_table"]["aim_one_vs_measured"] <= 1.0
+    assert "| 8 x 2 |" in proc.stdout and "cyclic-sandwich " in proc.stdout  # the doc's table

@@ -86,3 +86,9 @@ def test_the_bench_runs_on_a_record(tmp_path: Path) -> None:
     assert result["measured"]["params"]["estimate"] == pytest.approx(1.0)  # params grow with the top-1 here
     assert 0.0 <= result["this_table"]["aim_one_vs_measured"] <= 1.0
     assert "| 8 x 2 |" in proc.stdout and "cyclic-sandwich " in proc.stdout  # the doc's table
+    # ... whose row holds that cell's numbers: the oracle's tau (lower end) and the inherited tau.
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| 8 x 2 |"))
+    cell = result["grid"][1]["scores"]
+    oracle, inherited = cell["oracle"], cell["inherited, cyclic-sandwich"]
+    assert f"| {oracle['tau']:+.2f} ({oracle['low']:+.2f}) |" in row
+    assert row.endswith(f"| cyclic-sandwich {inherited['tau']:+.2f}, {inherited['aim_one']:.0%} |")

@@ -117,6 +117,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cyclic-sandwich-long2x": ("sandwich trained for twice the epochs (12,920 steps): not at the study's step budget, "
                                "it asks whether that budget is what limits the ranking",
                                ["space.channels.embed=cyclic", "supernet.sampling=sandwich", "supernet.epochs=40"]),
+    "cyclic-sandwich-lr2x": ("sandwich at twice the config's peak learning rate (4e-3 instead of 2e-3), the same "
+                             "schedule and steps: does a faster schedule buy what twice the steps did?",
+                             ["space.channels.embed=cyclic", "supernet.sampling=sandwich", "supernet.lr=4.0e-3"]),
     "cyclic-sandwich-entangled": ("sandwich with q/k entangled across head counts (ViTAS's private q/k off)",
                                   ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
                                    "space.qk=entangled"]),

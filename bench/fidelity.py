@@ -120,6 +120,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cyclic-sandwich-lr2x": ("sandwich at twice the config's peak learning rate (4e-3 instead of 2e-3), the same "
                              "schedule and steps: does a faster schedule buy what twice the steps did?",
                              ["space.channels.embed=cyclic", "supernet.sampling=sandwich", "supernet.lr=4.0e-3"]),
+    "cyclic-sandwich-rand2": ("BigNAS's sandwich as published: max, min and two random subnets per step (a "
+                              "third more passes, the same optimizer steps)",
+                              ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                               "supernet.random_subnets=2"]),
     "cyclic-sandwich-entangled": ("sandwich with q/k entangled across head counts (ViTAS's private q/k off)",
                                   ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
                                    "space.qk=entangled"]),

@@ -61,6 +61,7 @@ OPTIONS: dict[str, list[str]] = {  # name: overrides of the fidelity-counting co
     "uniform + distill kl": ["supernet.sampling=uniform", "supernet.distill=true",
                              "supernet.distill_loss=kl"],
     "uniform + macs_bins": ["supernet.sampling=uniform", "supernet.cost_sampling=macs_bins"],
+    "sandwich, 2 random subnets": ["supernet.sampling=sandwich", "supernet.random_subnets=2"],
     "sandwich + macs_bins": ["supernet.sampling=sandwich", "supernet.cost_sampling=macs_bins"],
     "sandwich + grad_projection": ["supernet.sampling=sandwich", "supernet.grad_projection=true"],
     "sandwich + distill kl + grad_projection": ["supernet.sampling=sandwich", "supernet.distill=true",

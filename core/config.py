@@ -218,6 +218,7 @@ class SupernetConfig(TrainingRecipe):
 
     clip_grad: Optional[float] = at_least(5.0, 0)
     sampling: str = choice("uniform", "uniform", "autoslim", "bcnet", "sandwich")
+    random_subnets: int = at_least(1, 1)  # random subnets per step (BigNAS's sandwich: max, min and 2)
     distill: bool = False  # in-place distillation from the max subnet (added as a pass if needed)
     distill_loss: str = choice("kl", "kl", "alpha")  # soft cross-entropy, or AlphaNet's bounded alpha-divergence
     cost_sampling: str = choice("genes", "genes", "macs_bins")  # macs_bins: ElasticViT's complexity-aware draws

@@ -6,6 +6,8 @@ Sampling modes (`supernet.sampling`), each step's passes on the same batch:
 - `bcnet` (BCNet): one random subnet on the left and on the right pass, a loss on each.
 - `sandwich` (BigNAS): the max, the min and a random subnet.
 Options on top of every mode:
+- `supernet.random_subnets`: how many random subnets each step trains (BigNAS's sandwich: 2),
+  each drawn as the one of the mode is; more passes per step, the same optimizer steps.
 - `supernet.cost_sampling: macs_bins` (ElasticViT's complexity-aware sampling): the random subnet
   is drawn by first picking one of `supernet.cost_bins` equal-width MACs bins uniformly, then an
   architecture inside it (from a pool drawn once), so every cost range is trained as often
@@ -58,23 +60,35 @@ def is_bilateral(space: SearchSpace) -> bool:
 
 
 def step_passes(space: SearchSpace, sampling: str, seed: int, step: int,
-                draw: Optional[Callable[[np.random.Generator], dict]] = None) -> list[Pass]:
+                draw: Optional[Callable[[np.random.Generator], dict]] = None, random: int = 1) -> list[Pass]:
     """The subnets of global step `step` in mode `sampling`: a function of (seed, step) only, so
-    equal on all ranks. `draw(rng)` draws the random subnet (default: uniform genes)."""
+    equal on all ranks. `draw(rng)` draws a random subnet (default: uniform genes); `random`
+    random subnets are drawn, the first as with one (so a run with one is unchanged), the
+    others after it ("rand2", ...; in bcnet "left2"/"right2", ...)."""
     rng = np.random.default_rng(derive_seed(seed, _STEP_STREAM, step))
-    arch = (draw or space.sample)(rng)
+    draw = draw or space.sample
+    arch = draw(rng)
     if sampling == "uniform":
         side = "right" if is_bilateral(space) and rng.integers(2) else "left"
-        return [Pass("rand", arch, side)]
-    if sampling == "autoslim":
-        return [Pass("rand", arch, "left")]
-    if sampling == "bcnet":
-        return [Pass("left", arch, "left"), Pass("right", arch, "right")]
-    if sampling == "sandwich":  # min and random on one side per step, as uniform draws it
+        passes = [Pass("rand", arch, side)]
+    elif sampling == "autoslim":
+        passes = [Pass("rand", arch, "left")]
+    elif sampling == "bcnet":
+        passes = [Pass("left", arch, "left"), Pass("right", arch, "right")]
+    elif sampling == "sandwich":  # min and random on one side per step, as uniform draws it
         side = "right" if is_bilateral(space) and rng.integers(2) else "left"
-        return [Pass("max", space.max_arch()), Pass("min", space.min_arch(), side),
-                Pass("rand", arch, side)]
-    raise ValueError(f"unknown sampling {sampling!r}")  # the config schema admits no other
+        passes = [Pass("max", space.max_arch()), Pass("min", space.min_arch(), side), Pass("rand", arch, side)]
+    else:
+        raise ValueError(f"unknown sampling {sampling!r}")  # the config schema admits no other
+    for i in range(2, random + 1):
+        arch = draw(rng)
+        if sampling == "bcnet":
+            passes += [Pass(f"left{i}", arch, "left"), Pass(f"right{i}", arch, "right")]
+        elif sampling == "uniform":
+            passes.append(Pass(f"rand{i}", arch, "right" if is_bilateral(space) and rng.integers(2) else "left"))
+        else:  # sandwich: the step's side; autoslim: the left
+            passes.append(Pass(f"rand{i}", arch, passes[-1].side))
+    return passes
 
 
 class CostBins:
@@ -197,7 +211,7 @@ class SubnetSampler:
             return [Pass("max", self.space.max_arch())]
         space = self.space_at(epoch)
         passes = step_passes(space, self.sec.sampling, self.sec.seed, step,
-                             self.bins.draw if self.bins else None)
+                             self.bins.draw if self.bins else None, self.sec.random_subnets)
         if self.sec.distill and passes[0].name != "max":
             passes = [Pass("max", self.space.max_arch())] + passes
         if self.sec.patch_cycle:

@@ -6,6 +6,7 @@ Sampling modes (`supernet.sampling`), each step's passes on the same batch, grad
 - `bcnet` (BCNet): one random subnet on the left and on the right pass, a loss on each.
 - `sandwich` (BigNAS): the max, the min and a random subnet; with `supernet.distill` the min and
   random subnets learn from the max subnet's soft predictions (in-place distillation).
+`supernet.random_subnets` draws that many random subnets per step instead of one.
 Every rank takes the same subnets at every step: they are drawn from a generator seeded by
 (seed, global step). The loop (DDP, AMP, clipping, EMA, schedule, last.pth every epoch and every
 `save_every_steps`, auto-resume) is `core.engine.Trainer`. Each epoch validates min, max and
@@ -93,7 +94,7 @@ def _check_split(state: dict, cfg: Config, path: Any) -> None:
 
 # The settings that decide which subnets each step trains and with which losses: a run resumed
 # with another value would continue a different training than the one it started.
-SAMPLING_OPTIONS = ("seed", "sampling", "distill", "distill_loss", "cost_sampling", "cost_bins",
+SAMPLING_OPTIONS = ("seed", "sampling", "random_subnets", "distill", "distill_loss", "cost_sampling", "cost_bins",
                     "grad_projection", "max_warmup_epochs", "patch_cycle", "identity_shift", "progressive")
 
 

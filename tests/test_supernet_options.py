@@ -83,6 +83,22 @@ def test_distillation_adds_the_teacher_to_every_sampler() -> None:
     assert [p.name for p in sampler(sampling="uniform").passes(4, 1)] == ["rand"]
 
 
+def test_extra_random_subnets_keep_the_first_draw_and_draw_anew() -> None:
+    space = demo_space()
+    for mode, names in [("sandwich", ["max", "min", "rand", "rand2", "rand3"]), ("uniform", ["rand", "rand2", "rand3"]),
+                        ("autoslim", ["rand", "rand2", "rand3"])]:
+        distinct = 0
+        for step in range(30):
+            one = sampler(space, sampling=mode).passes(step, 1)
+            three = sampler(space, sampling=mode, random_subnets=3).passes(step, 1)
+            assert [p.name for p in three] == names and three[:len(one)] == one  # a run with one is unchanged
+            distinct += len({space.key(p.arch) for p in three if p.name.startswith("rand")}) == 3
+        assert distinct >= 25  # fresh draws, not copies of the first
+    binned = sampler(space, sampling="sandwich", random_subnets=2, cost_sampling="macs_bins", cost_bins=4)
+    pooled = {space.key(a) for pool in binned.bins.pools for a in pool}
+    assert all(space.key(p.arch) in pooled for step in range(20) for p in binned.passes(step, 1)[2:])
+
+
 def test_patch_cycle_gives_each_patch_size_the_max_and_min_passes_in_turn() -> None:
     space = tiny_space()
     s = sampler(sampling="sandwich", patch_cycle=True, max_warmup_epochs=1)

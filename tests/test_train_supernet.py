@@ -125,7 +125,7 @@ def kill_at(yaml_path: Path, log: Path, step: int, timeout: float = 180) -> None
 
 # name -> (supernet options, space changes)
 OPTION_SETS = {
-    "sandwich-distill-per-patch-norms-progressive": ({"distill": True, "patch_cycle": True,
+    "sandwich-distill-per-patch-norms-progressive": ({"distill": True, "patch_cycle": True, "random_subnets": 2,
                                                      "progressive": ["embed_dim", "depth"], "progressive_epochs": 2},
                                                     {"norms": "per_patch"}),
     "uniform-options": ({"sampling": "uniform", "distill": True, "distill_loss": "alpha",
@@ -209,7 +209,8 @@ def test_outputs_and_space_mismatch(tmp_path: Path, tiny_digits: Path,
     assert "supernet.sampling" in capsys.readouterr().err
     assert summary["progressive"] == []
     # More epochs continue the run; another sampling option would continue another training.
-    for change in (["supernet.distill=true"], ["supernet.progressive=[depth]"], ["supernet.seed=1"]):
+    for change in (["supernet.distill=true"], ["supernet.progressive=[depth]"], ["supernet.seed=1"],
+                   ["supernet.random_subnets=2"]):
         assert main(["train-supernet", "-c", str(cfg_path), "supernet.epochs=3", *change]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         name = change[0].split("=")[0]

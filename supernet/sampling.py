@@ -59,33 +59,38 @@ def is_bilateral(space: SearchSpace) -> bool:
     return space.cfg.channels.bilateral
 
 
+def _random_side(space: SearchSpace, rng: np.random.Generator) -> str:
+    """Either side with equal odds in a bilateral space (drawing from `rng` only there), else left."""
+    return "right" if is_bilateral(space) and rng.integers(2) else "left"
+
+
 def step_passes(space: SearchSpace, sampling: str, seed: int, step: int,
-                draw: Optional[Callable[[np.random.Generator], dict]] = None, random: int = 1) -> list[Pass]:
+                draw: Optional[Callable[[np.random.Generator], dict]] = None,
+                random_subnets: int = 1) -> list[Pass]:
     """The subnets of global step `step` in mode `sampling`: a function of (seed, step) only, so
-    equal on all ranks. `draw(rng)` draws a random subnet (default: uniform genes); `random`
-    random subnets are drawn, the first as with one (so a run with one is unchanged), the
+    equal on all ranks. `draw(rng)` draws a random subnet (default: uniform genes);
+    `random_subnets` are drawn, the first as with one (so a run with one is unchanged), the
     others after it ("rand2", ...; in bcnet "left2"/"right2", ...)."""
     rng = np.random.default_rng(derive_seed(seed, _STEP_STREAM, step))
     draw = draw or space.sample
     arch = draw(rng)
     if sampling == "uniform":
-        side = "right" if is_bilateral(space) and rng.integers(2) else "left"
-        passes = [Pass("rand", arch, side)]
+        passes = [Pass("rand", arch, _random_side(space, rng))]
     elif sampling == "autoslim":
         passes = [Pass("rand", arch, "left")]
     elif sampling == "bcnet":
         passes = [Pass("left", arch, "left"), Pass("right", arch, "right")]
     elif sampling == "sandwich":  # min and random on one side per step, as uniform draws it
-        side = "right" if is_bilateral(space) and rng.integers(2) else "left"
+        side = _random_side(space, rng)
         passes = [Pass("max", space.max_arch()), Pass("min", space.min_arch(), side), Pass("rand", arch, side)]
     else:
         raise ValueError(f"unknown sampling {sampling!r}")  # the config schema admits no other
-    for i in range(2, random + 1):
+    for i in range(2, random_subnets + 1):
         arch = draw(rng)
         if sampling == "bcnet":
             passes += [Pass(f"left{i}", arch, "left"), Pass(f"right{i}", arch, "right")]
         elif sampling == "uniform":
-            passes.append(Pass(f"rand{i}", arch, "right" if is_bilateral(space) and rng.integers(2) else "left"))
+            passes.append(Pass(f"rand{i}", arch, _random_side(space, rng)))
         else:  # sandwich: the step's side; autoslim: the left
             passes.append(Pass(f"rand{i}", arch, passes[-1].side))
     return passes

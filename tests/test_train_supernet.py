@@ -50,13 +50,14 @@ def test_step_passes_per_mode_and_deterministic() -> None:
     assert {p.side for p in uniform} == {"left", "right"}
     assert validation_archs(space, 2, 0) == validation_archs(space, 2, 0)
     # More random subnets a step: bcnet trains each on both sides; sandwich's take the step's side.
-    bc2 = step_passes(space, "bcnet", 0, 5, random=2)
+    bc2 = step_passes(space, "bcnet", 0, 5, random_subnets=2)
     assert [(p.name, p.side) for p in bc2] == [("left", "left"), ("right", "right"),
                                                ("left2", "left"), ("right2", "right")]
     assert bc2[:2] == bc and bc2[2].arch == bc2[3].arch
-    sides2 = {tuple(p.side for p in step_passes(space, "sandwich", 0, s, random=2)) for s in range(20)}
+    sides2 = {tuple(p.side for p in step_passes(space, "sandwich", 0, s, random_subnets=2)) for s in range(20)}
     assert sides2 == {("left",) * 4, ("left", "right", "right", "right")}
-    assert {p.side for s in range(40) for p in step_passes(space, "uniform", 0, s, random=2)[1:]} == {"left", "right"}
+    extras = [p for s in range(40) for p in step_passes(space, "uniform", 0, s, random_subnets=2)[1:]]
+    assert {p.side for p in extras} == {"left", "right"}
 
 
 def test_global_batch_sampler_slices_and_resume() -> None:

@@ -124,6 +124,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                               "third more passes, the same optimizer steps)",
                               ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
                                "supernet.random_subnets=2"]),
+    "cyclic-sandwich-ema": ("sandwich scored with an exponential moving average of the superformer's weights (decay "
+                            "0.998: about the last 500 of the 6,460 steps) instead of its last weights",
+                            ["space.channels.embed=cyclic", "supernet.sampling=sandwich", "supernet.ema=true",
+                             "supernet.ema_decay=0.998"]),
     "cyclic-sandwich-entangled": ("sandwich with q/k entangled across head counts (ViTAS's private q/k off)",
                                   ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
                                    "space.qk=entangled"]),
@@ -901,16 +905,21 @@ def _end_to_end(study: Study, names: list[str], runs: dict[str, Path], gt_rows: 
 
 def _stability(study: Study, name: str, run: Path, table: Path) -> dict:
     """Kendall tau between the inherited accuracies of two superformers of variant `name` trained
-    with other seeds, and each one's tau (global and banded) against the ground truth."""
+    with other seeds, each one's tau (global and banded) against the ground truth, and the second
+    one's inherited top-1 per ground-truth architecture (in the table's order, so that later
+    comparisons can be paired over both seeds without the superformers)."""
     from scipy.stats import kendalltau
 
     other = train_supernet(study, name, seed=1)
     a = rank_variant(study, name, run, table, [])
     b = rank_variant(study, name, other, table, [])
     x = [float(r["inherited_top1"]) for r in _csv(run / "rank-gt" / "rank" / "ranking.csv")]
-    y = [float(r["inherited_top1"]) for r in _csv(other / "rank-gt" / "rank" / "ranking.csv")]
+    rows = _csv(other / "rank-gt" / "rank" / "ranking.csv")
+    y = [float(r["inherited_top1"]) for r in rows]
     tau = kendalltau(x, y).statistic
+    second = {_arch_key(json.loads(r["arch"])): float(r["inherited_top1"]) for r in rows}
     return {"tau_between_seeds": float(tau),
+            "inherited_top1_seed1": [second.get(_arch_key(r["arch"])) for r in json.loads(table.read_text())],
             "tau_vs_truth": [_kendall(a, "trained_top1", "inherited_top1")["estimate"],
                              _kendall(b, "trained_top1", "inherited_top1")["estimate"]],
             "banded_vs_truth": [_kendall(a, "trained_top1", "inherited_top1", banded=True)["estimate"],

@@ -36,7 +36,11 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
             assert sum(p["archs"] for p in variant[f"by_{gene}"].values()) == 3
     runs = json.loads((tmp_path / "work" / "ground_truth.json").read_text())
     assert len(runs) == 3 and all(len(r["seed_runs"]) == 2 for r in runs)
-    assert set(result["stability"]) == {"cyclic-sandwich"} and "tau_between_seeds" in result["stability"]["cyclic-sandwich"]
+    stable = result["stability"]["cyclic-sandwich"]
+    assert set(result["stability"]) == {"cyclic-sandwich"} and "tau_between_seeds" in stable
+    # the second seed's inherited top-1, in the table's order, as the first seed's is
+    assert len(stable["inherited_top1_seed1"]) == len(result["variants"]["cyclic-sandwich"]["inherited_top1"])
+    assert None not in stable["inherited_top1_seed1"]
     assert {"ground truth", "superformers", "ranking", "end to end", "total"} <= set(result["seconds"])
     assert "| inherited, cyclic-sandwich |" in proc.stdout
     assert result["ground_truth_noise"]["archs"] == 3

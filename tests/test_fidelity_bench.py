@@ -41,6 +41,9 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     # the second seed's inherited top-1, in the table's order, as the first seed's is
     assert len(stable["inherited_top1_seed1"]) == len(result["variants"]["cyclic-sandwich"]["inherited_top1"])
     assert None not in stable["inherited_top1_seed1"]
+    first = result["variants"]["cyclic-sandwich"]["inherited_top1"]
+    between = kendalltau(first, stable["inherited_top1_seed1"]).statistic
+    assert between == pytest.approx(stable["tau_between_seeds"], nan_ok=True)  # NaN where the toy ties
     assert {"ground truth", "superformers", "ranking", "end to end", "total"} <= set(result["seconds"])
     assert "| inherited, cyclic-sandwich |" in proc.stdout
     assert result["ground_truth_noise"]["archs"] == 3

@@ -131,6 +131,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "cyclic-sandwich-entangled": ("sandwich with q/k entangled across head counts (ViTAS's private q/k off)",
                                   ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
                                    "space.qk=entangled"]),
+    "cyclic-sandwich-patchblocks": ("few-shot NAS split on the patch size: a block stack per patch size (only the "
+                                    "head shared), the max and min passes taking the patch sizes in turn, so each "
+                                    "stack gets its own sandwich every other step",
+                                    ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                                     "space.blocks=per_patch", "supernet.patch_cycle=true"]),
 }
 # Variants that score another variant's superformer differently (nothing trained of their own):
 # name -> (what it is, the variant whose superformer it scores, scoring overrides).

@@ -68,6 +68,8 @@ OPTIONS: dict[str, list[str]] = {  # name: overrides of the fidelity-counting co
                                                 "supernet.grad_projection=true"],
     "sandwich + per-patch norms": ["supernet.sampling=sandwich", "space.norms=per_patch"],
     "sandwich + patch cycle": ["supernet.sampling=sandwich", "supernet.patch_cycle=true"],
+    "sandwich + per-patch blocks + patch cycle": ["supernet.sampling=sandwich", "space.blocks=per_patch",
+                                                  "supernet.patch_cycle=true"],
     "sandwich, identity shifting off": ["supernet.sampling=sandwich", "supernet.identity_shift=false"],
     # epoch 0 of progressive shrinking: only the depth released, the widths held at their max
     "sandwich + progressive, first stage": ["supernet.sampling=sandwich",

@@ -153,6 +153,9 @@ class SpaceConfig:
     # The superformer's LayerNorms: one shared by every patch size, or one per patch size (the
     # switchable norms of slimmable networks), since each token grid trains its own statistics.
     norms: str = choice("shared", "shared", "per_patch")
+    # The transformer blocks: shared by every patch size (DESIGN 3), or one stack per patch size
+    # (few-shot NAS split on the patch size: the token grids stop sharing weights but the head).
+    blocks: str = choice("shared", "shared", "per_patch")
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
 
 

@@ -2,7 +2,8 @@
 
 Mechanisms (DESIGN 3): channel policies per dimension (`supernet.channels`), a private stem
 (patch conv, class token, position embedding) per patch size with blocks shared by all patch
-sizes, LayerNorms shared by all patch sizes or private to each (`space.norms`), q/k either
+sizes or private to each (`space.blocks`), LayerNorms shared by all patch sizes or private to
+each (`space.norms`), q/k either
 entangled in one timm-style qkv (AutoFormer) or private per head count with a shared v (ViTAS),
 identity shifting through `SearchSpace.canonical`, the attention scale of the active head_dim,
 AutoFormer's 2-D relative positions, and class-token or mean pooling.
@@ -48,10 +49,10 @@ class SuperStem(nn.Module):
         return torch.cat([t["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + t["pos_embed"]
 
 
-def layer_norms(space: SearchSpace) -> nn.Module:
+def layer_norms(space: SearchSpace, per_patch: bool) -> nn.Module:
     """One LayerNorm of the superformer: an ElasticLayerNorm shared by every patch size, or (with
-    `space.norms: per_patch`) a ModuleDict of one per patch size, keyed by the size."""
-    if space.cfg.norms == "per_patch":
+    `per_patch`) a ModuleDict of one per patch size, keyed by the size."""
+    if per_patch:
         return nn.ModuleDict({str(p): ElasticLayerNorm(space.super_embed_dim, eps=space.norm_eps)
                               for p in space.patch_sizes})
     return ElasticLayerNorm(space.super_embed_dim, eps=space.norm_eps)
@@ -62,22 +63,26 @@ def active_norm(norms: nn.Module, patch_size: int) -> ElasticLayerNorm:
     return norms[str(patch_size)] if isinstance(norms, nn.ModuleDict) else norms
 
 
-def norm_keys(key: str, space: SearchSpace) -> list[str]:
-    """The superformer state keys that a shared-norm key (`blocks.3.norm1.weight`, `norm.bias`)
-    stands for in `space`'s superformer: itself, or with `space.norms: per_patch` the key of every
-    patch size's norm (a weight imported from a one-norm model starts every one of them)."""
+def superformer_keys(key: str, space: SearchSpace) -> list[str]:
+    """The superformer state keys that a key of the shared layout (`blocks.3.norm1.weight`,
+    `norm.bias`) stands for in `space`'s superformer: itself; with `space.blocks: per_patch` the
+    key in every patch size's stack (`patch_blocks.<patch>.3.norm1.weight`); with `space.norms:
+    per_patch` every patch size's copy of a shared block's or the final norm. A weight imported
+    from a model of one patch size starts every copy."""
+    if space.cfg.blocks == "per_patch" and key.startswith("blocks."):
+        return [f"patch_blocks.{p}.{key.removeprefix('blocks.')}" for p in space.patch_sizes]
     name, _, param = key.rpartition(".")
     if space.cfg.norms != "per_patch" or not (name == "norm" or name.rpartition(".")[2] in ("norm1", "norm2")):
         return [key]
     return [f"{name}.{p}.{param}" for p in space.patch_sizes]
 
 
-def per_patch_norm_state(state: dict[str, torch.Tensor], space: SearchSpace) -> dict[str, torch.Tensor]:
-    """A shared-norm superformer state dict (a converted foreign supernet) under the keys of
-    `space`'s superformer (`norm_keys`)."""
+def per_patch_state(state: dict[str, torch.Tensor], space: SearchSpace) -> dict[str, torch.Tensor]:
+    """A superformer state dict of the shared layout (a converted foreign supernet) under the keys
+    of `space`'s superformer (`superformer_keys`)."""
     out = {}
     for key, value in state.items():
-        keys = norm_keys(key, space)
+        keys = superformer_keys(key, space)
         out.update({k: value.clone() if len(keys) > 1 else value for k in keys})  # copies do not alias
     return out
 
@@ -152,10 +157,11 @@ class SuperBlock(nn.Module):
         super().__init__()
         c = space.cfg
         E = space.super_embed_dim
-        self.norm1 = layer_norms(space)
+        per_patch_norms = c.norms == "per_patch" and c.blocks == "shared"  # private blocks: private norms
+        self.norm1 = layer_norms(space, per_patch_norms)
         self.attn = SuperAttention(E, space.super_attn_dim, space.head_choices, c.qk, c.qkv_bias,
                                    c.rel_pos, c.head_dim, c.rel_pos_max, c.qkv_bias_slice == "prefix")
-        self.norm2 = layer_norms(space)
+        self.norm2 = layer_norms(space, per_patch_norms)
         self.mlp = Mlp(E, space.super_mlp_dim, linear=ElasticLinear)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.patch_size = space.patch_sizes[0]
@@ -197,8 +203,12 @@ class Superformer(ExplicitAttention, nn.Module):
             {str(p): SuperStem(p, c.img_size, c.in_chans, E) for p in space.patch_sizes})
         depth = space.super_depth
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(SuperBlock(space, rates[i]) for i in range(depth))
-        self.norm = layer_norms(space)
+        if c.blocks == "per_patch":  # few-shot NAS split by patch size: one stack per token grid
+            self.patch_blocks = nn.ModuleDict({str(p): nn.ModuleList(SuperBlock(space, rates[i]) for i in range(depth))
+                                               for p in space.patch_sizes})
+        else:
+            self.blocks = nn.ModuleList(SuperBlock(space, rates[i]) for i in range(depth))
+        self.norm = layer_norms(space, c.norms == "per_patch")
         self.head = ElasticLinear(E, num_classes)
         self.policies = {
             dim: ChannelPolicy(getattr(c.channels, dim), space.super_width(dim), space.widths(dim))
@@ -214,6 +224,17 @@ class Superformer(ExplicitAttention, nn.Module):
         """Token and position tables that timm's optimizer factory exempts from weight decay."""
         return no_weight_decay_names(self)
 
+    def block_stack(self, patch_size: int) -> nn.ModuleList:
+        """The blocks that subnets of `patch_size` run on: `blocks`, or with `space.blocks:
+        per_patch` that patch size's own stack."""
+        return self.patch_blocks[str(patch_size)] if self.space.cfg.blocks == "per_patch" else self.blocks
+
+    def attention_blocks(self) -> list[nn.Module]:
+        """Every block of every stack (what `explicit_attention` switches)."""
+        if self.space.cfg.blocks == "per_patch":
+            return [b for stack in self.patch_blocks.values() for b in stack]
+        return list(self.blocks)
+
     # ------------------------------------------------------------------ activation
     def set_active(self, arch: dict, side: str = "left", layers: Optional[Sequence[int]] = None) -> None:
         """Activate `arch` (canonicalised: identities shifted to the end). `side="right"` is the
@@ -222,12 +243,13 @@ class Superformer(ExplicitAttention, nn.Module):
         `depth`: training without identity shifting (`supernet.identity_shift: false`)."""
         arch = self.space.canonical(arch)
         layers = list(range(arch["depth"])) if layers is None else [int(j) for j in layers]
-        if len(layers) != arch["depth"] or layers != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < len(self.blocks):
+        blocks = self.block_stack(arch["patch_size"])
+        if len(layers) != arch["depth"] or layers != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < len(blocks):
             raise ValueError(f"layers {layers} are not {arch['depth']} ascending block indices")
         embed = self.policies["embed"].select(arch["embed_dim"], side)
         self.stems[str(arch["patch_size"])].set_channels(embed)
         for i, j in enumerate(layers):
-            self.blocks[j].set_active(
+            blocks[j].set_active(
                 embed,
                 self.policies["attn"].select(arch["attn_dim"][i], side),
                 self.policies["mlp"].select(arch["mlp_dim"][i], side),
@@ -271,8 +293,9 @@ class Superformer(ExplicitAttention, nn.Module):
         """Modules the active subnet uses (some only in part)."""
         patch = self._arch["patch_size"]
         mods: list[nn.Module] = [self.stems[str(patch)], active_norm(self.norm, patch), self.head]
+        blocks = self.block_stack(patch)
         for j in self._layers:
-            mods += self.blocks[j].active_modules()
+            mods += blocks[j].active_modules()
         return mods
 
     def active_parameters(self) -> Iterator[nn.Parameter]:
@@ -289,8 +312,9 @@ class Superformer(ExplicitAttention, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Active tokens after the final norm."""
         x = self.stems[str(self._arch["patch_size"])](x)
+        blocks = self.block_stack(self._arch["patch_size"])
         for j in self._layers:
-            x = self.blocks[j](x)
+            x = blocks[j](x)
         return active_norm(self.norm, self._arch["patch_size"])(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,7 +349,8 @@ class Superformer(ExplicitAttention, nn.Module):
         stem = self.stems[str(self._arch["patch_size"])]
         out: dict[str, Optional[torch.Tensor]] = dict(stem.active_tensors())
         out["patch_embed.proj.weight"], out["patch_embed.proj.bias"] = stem.proj.active_weight()
-        for i, block in enumerate(self.blocks[j] for j in self._layers):
+        blocks = self.block_stack(self._arch["patch_size"])
+        for i, block in enumerate(blocks[j] for j in self._layers):
             pre = f"blocks.{i}."
             norm1, norm2 = block.active_norms()
             out[pre + "norm1.weight"], out[pre + "norm1.bias"] = norm1.active_weight()

@@ -25,7 +25,7 @@ from torch import nn
 
 from vitas.core.checkpoint import load_checkpoint
 from vitas.core.errors import UserError
-from vitas.supernet.model import norm_keys
+from vitas.supernet.model import superformer_keys
 
 # Entries under which checkpoint files keep their weights, tried in this order.
 WEIGHT_ENTRIES = ("model", "state_dict", "module")
@@ -294,41 +294,45 @@ def superformer_state_from_timm(model: nn.Module, weights: dict[str, torch.Tenso
         pos = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
         notes.append("distillation token and head_dist dropped (the superformer has one class token)")
     _place(state[stem + "pos_embed"], pos, None, None, e)
+    def put(key: str, src: torch.Tensor, *index: Optional[torch.Tensor], view: Optional[tuple] = None) -> None:
+        """Place `src` in every superformer tensor that the shared-layout `key` stands for."""
+        for k in superformer_keys(key, model.space):
+            _place(state[k] if view is None else state[k].view(*view), src, *index)
+
     for i, (a_width, m_width) in enumerate(zip(vit.attn_dim, vit.mlp_dim)):
         b = f"blocks.{i}."
         a = torch.tensor(model.policies["attn"].select(a_width).indices())
         m = torch.tensor(model.policies["mlp"].select(m_width).indices())
         for norm in ("norm1", "norm2"):
             for p in ("weight", "bias"):
-                for key in norm_keys(f"{b}{norm}.{p}", model.space):
-                    _place(state[key], weights[f"{b}{norm}.{p}"], e)
+                put(f"{b}{norm}.{p}", weights[f"{b}{norm}.{p}"], e)
         qkv_w = weights[b + "attn.qkv.weight"].reshape(3, a_width, vit.embed_dim)
         qkv_b = (weights[b + "attn.qkv.bias"].reshape(3, a_width) if vit.qkv_bias
                  else torch.zeros(3, a_width, dtype=qkv_w.dtype))
         if c.qk == "entangled":
             A = model.space.super_attn_dim
-            _place(state[b + "attn.qkv.weight"].view(3, A, -1), qkv_w, None, a, e)
+            put(b + "attn.qkv.weight", qkv_w, None, a, e, view=(3, A, -1))
             if c.qkv_bias:
-                _place(state[b + "attn.qkv.bias"].view(3, A), qkv_b, None, a)
+                put(b + "attn.qkv.bias", qkv_b, None, a, view=(3, A))
         else:
             targets = [(f"q.{h}", 0) for h in model.space.head_choices]
             targets += [(f"k.{h}", 1) for h in model.space.head_choices] + [("v", 2)]
             for name, part in targets:
-                _place(state[f"{b}attn.{name}.weight"], qkv_w[part], a, e)
+                put(f"{b}attn.{name}.weight", qkv_w[part], a, e)
                 if c.qkv_bias:
-                    _place(state[f"{b}attn.{name}.bias"], qkv_b[part], a)
-        _place(state[b + "attn.proj.weight"], weights[b + "attn.proj.weight"], e, a)
-        _place(state[b + "attn.proj.bias"], weights[b + "attn.proj.bias"], e)
-        _place(state[b + "mlp.fc1.weight"], weights[b + "mlp.fc1.weight"], m, e)
-        _place(state[b + "mlp.fc1.bias"], weights[b + "mlp.fc1.bias"], m)
-        _place(state[b + "mlp.fc2.weight"], weights[b + "mlp.fc2.weight"], e, m)
-        _place(state[b + "mlp.fc2.bias"], weights[b + "mlp.fc2.bias"], e)
+                    put(f"{b}attn.{name}.bias", qkv_b[part], a)
+        put(b + "attn.proj.weight", weights[b + "attn.proj.weight"], e, a)
+        put(b + "attn.proj.bias", weights[b + "attn.proj.bias"], e)
+        put(b + "mlp.fc1.weight", weights[b + "mlp.fc1.weight"], m, e)
+        put(b + "mlp.fc1.bias", weights[b + "mlp.fc1.bias"], m)
+        put(b + "mlp.fc2.weight", weights[b + "mlp.fc2.weight"], e, m)
+        put(b + "mlp.fc2.bias", weights[b + "mlp.fc2.bias"], e)
         if c.rel_pos:
             for table in ("rel_pos_k.table_v", "rel_pos_k.table_h", "rel_pos_v.table_v", "rel_pos_v.table_h"):
-                state[f"{b}attn.{table}"].zero_()
+                for k in superformer_keys(f"{b}attn.{table}", model.space):
+                    state[k].zero_()
     for p in ("weight", "bias"):
-        for key in norm_keys(f"norm.{p}", model.space):
-            _place(state[key], weights[f"norm.{p}"], e)
+        put(f"norm.{p}", weights[f"norm.{p}"], e)
     if vit.num_classes == model.num_classes:
         _place(state["head.weight"], weights["head.weight"], None, e)
         state["head.bias"].copy_(weights["head.bias"])

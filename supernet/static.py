@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -151,14 +151,18 @@ class ExplicitAttention:
 
     blocks: nn.ModuleList
 
+    def attention_blocks(self) -> Iterable[nn.Module]:
+        """Every block whose `attn.explicit` the switch sets."""
+        return self.blocks
+
     @property
     def explicit_attention(self) -> bool:
         """Whether attention is written out (True) or runs through fused SDPA (False)."""
-        return all(b.attn.explicit for b in self.blocks)
+        return all(b.attn.explicit for b in self.attention_blocks())
 
     @explicit_attention.setter
     def explicit_attention(self, value: bool) -> None:
-        for b in self.blocks:
+        for b in self.attention_blocks():
             b.attn.explicit = bool(value)
 
 

@@ -226,13 +226,14 @@ def test_autoformer_subnet_converts_exactly(tmp_path: Path, arch: dict):
         assert (wrong(x) - want).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("arch,norms", [(a, "shared") for a in AF_MAX_HEADS] + [(AF_MAX_HEADS[-1], "per_patch")],
+@pytest.mark.parametrize("arch,layout", [(a, "shared") for a in AF_MAX_HEADS]
+                         + [(AF_MAX_HEADS[-1], "norms"), (AF_MAX_HEADS[-1], "blocks")],
                          ids=lambda a: f"E{a['embed_dim']}-d{a['depth']}" if isinstance(a, dict) else a)
-def test_autoformer_supernet_becomes_a_superformer(tmp_path: Path, arch: dict, norms: str):
-    """Every subnet computes what AutoFormer's does, also when the space keeps its LayerNorms per
-    patch size (under other keys: AutoFormer's one patch size)."""
+def test_autoformer_supernet_becomes_a_superformer(tmp_path: Path, arch: dict, layout: str):
+    """Every subnet computes what AutoFormer's does, also when the space keeps its LayerNorms or
+    its blocks per patch size (under other keys: AutoFormer's one patch size)."""
     w = autoformer_file(tmp_path / "supernet.pth")
-    cfg = Config(space=autoformer_space(norms=norms))
+    cfg = Config(space=autoformer_space(**({} if layout == "shared" else {layout: "per_patch"})))
     converted = convert(tmp_path / "supernet.pth", cfg=cfg)
     ckpt = converted.checkpoint
     assert converted.kind == "superformer" and ckpt["epoch"] == 10 and ckpt["ema"] is None
@@ -519,13 +520,13 @@ def deit_space(policy: str, qk: str = "entangled", **changes) -> SearchSpace:
     return SearchSpace(SpaceConfig(**{**base, **changes}))
 
 
-@pytest.mark.parametrize("policy,qk,norms", [("left", "entangled", "shared"), ("cyclic", "entangled", "shared"),
-                                             ("cyclic", "private", "shared"), ("bilateral", "entangled", "shared"),
-                                             ("cyclic", "private", "per_patch")])
-def test_superformer_starts_as_deit(tmp_path: Path, policy: str, qk: str, norms: str):
+@pytest.mark.parametrize("policy,qk,layout", [("left", "entangled", "shared"), ("cyclic", "entangled", "shared"),
+                                              ("cyclic", "private", "shared"), ("bilateral", "entangled", "shared"),
+                                              ("cyclic", "private", "norms"), ("cyclic", "entangled", "blocks")])
+def test_superformer_starts_as_deit(tmp_path: Path, policy: str, qk: str, layout: str):
     deit = timm_model()
     torch.save({"model": deit.state_dict()}, tmp_path / "deit-tiny-like.pth")
-    space = deit_space(policy, qk, norms=norms)
+    space = deit_space(policy, qk, **({} if layout == "shared" else {layout: "per_patch"}))
     model = Superformer(space, 10).to(F64).eval()
     notes = init_from_timm(model, tmp_path / "deit-tiny-like.pth")
     arch = {"patch_size": 4, "embed_dim": 128, "depth": 2, "num_heads": [2, 2], "attn_dim": [128, 128],
@@ -538,9 +539,13 @@ def test_superformer_starts_as_deit(tmp_path: Path, policy: str, qk: str, norms:
     with torch.no_grad():
         assert (model(x) - deit(x)).abs().max() < 1e-12
     assert ("bilateral dimensions: the weights sit on the left pass" in notes) == (policy == "bilateral")
-    if norms == "per_patch":  # the other patch size's norms start as DeiT's too
+    if layout == "norms":  # the other patch size's norms start as DeiT's too
         assert torch.equal(model.blocks[1].norm2["8"].weight, model.blocks[1].norm2["4"].weight)
         assert torch.equal(model.norm["8"].bias, model.norm["4"].bias)
+    if layout == "blocks":  # and so does the other patch size's block stack (on DeiT's channels)
+        four, eight = model.extract(arch).state_dict(), model.extract({**arch, "patch_size": 8}).state_dict()
+        blocks = [k for k in four if k.startswith("blocks.")]
+        assert blocks and all(torch.equal(four[k], eight[k]) for k in blocks)
 
 
 def test_superformer_init_resizes_head_and_refuses_other_grids(tmp_path: Path):

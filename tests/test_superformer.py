@@ -12,18 +12,18 @@ from vitas.core.config import ChannelsConfig, SpaceConfig, load_config
 from vitas.core.errors import UserError
 from vitas.supernet.channels import ChannelPolicy
 from vitas.supernet.layers import ElasticLinear
-from vitas.supernet.model import Superformer, active_norm, per_patch_norm_state
+from vitas.supernet.model import Superformer, active_norm, per_patch_state
 from vitas.supernet.space import SearchSpace
 
 from vitas.core.config import POLICIES
 
 
-def vitas_space(policy: str = "cyclic", norms: str = "shared") -> SearchSpace:
+def vitas_space(policy: str = "cyclic", norms: str = "shared", blocks: str = "shared") -> SearchSpace:
     """Tiny ViTAS-like space: 2 patch sizes, identities, private q/k, per-layer attn widths."""
     return SearchSpace(SpaceConfig(
         name="tiny-vitas", img_size=32, patch_size=[8, 16], embed_dim=[16, 24, 32], depth=[2, 3, 4],
         identity=True, num_heads=[2, 4], attn_dim=[16, 24, 32], mlp_dim=[32, 48, 64], qk="private",
-        pool="cls", norms=norms, channels=ChannelsConfig(policy, policy, policy)))
+        pool="cls", norms=norms, blocks=blocks, channels=ChannelsConfig(policy, policy, policy)))
 
 
 def autoformer_space(policy: str = "left") -> SearchSpace:
@@ -36,7 +36,8 @@ def autoformer_space(policy: str = "left") -> SearchSpace:
 
 
 SPACES = {"vitas": vitas_space, "autoformer": autoformer_space,
-          "vitas-per-patch-norms": lambda policy: vitas_space(policy, norms="per_patch")}
+          "vitas-per-patch-norms": lambda policy: vitas_space(policy, norms="per_patch"),
+          "vitas-per-patch-blocks": lambda policy: vitas_space(policy, blocks="per_patch")}
 
 
 def build(space: SearchSpace, seed: int = 0, **kw) -> Superformer:
@@ -206,7 +207,8 @@ def test_gradients_stay_inside_active_slices(name: str, policy: str, side: str):
         model.head.weight: _mask(model.head.weight.shape, d1=E),
     }
     super_attn = space.super_attn_dim
-    for block in model.blocks[:depth]:
+    blocks = model.block_stack(arch["patch_size"])
+    for block in blocks[:depth]:
         at = block.attn
         if at.private:
             for lin in (at.q[str(heads)], at.k[str(heads)], at.v):
@@ -234,7 +236,7 @@ def test_gradients_stay_inside_active_slices(name: str, policy: str, side: str):
             assert p.grad is None or not p.grad.any()
         elif p.grad is None:
             pytest.fail("an active parameter got no gradient")
-    for block in model.blocks[depth:]:
+    for block in blocks[depth:]:
         assert all(p.grad is None for p in block.parameters())
 
 
@@ -273,7 +275,7 @@ def test_attention_scale_follows_active_head_dim(name: str):
     arch = space.max_arch()
     arch["num_heads"][0], arch["attn_dim"][0] = heads, attn_dim
     model.set_active(arch)
-    block = model.blocks[0].attn
+    block = model.block_stack(arch["patch_size"])[0].attn
     x = torch.randn(2, 5, arch["embed_dim"])
     block.rel_pos = False  # plain attention for the hand computation
     weight, bias = block.active_qkv()
@@ -335,13 +337,13 @@ def test_layers_run_an_architecture_on_other_blocks():
 
 def test_per_patch_norms_are_private_and_start_from_a_shared_norm():
     """`space.norms: per_patch`: one LayerNorm per patch size, trained only by its own patch size;
-    a shared-norm superformer's weights, expanded by `per_patch_norm_state`, compute the same for
+    a shared-norm superformer's weights, expanded by `per_patch_state`, compute the same for
     every subnet; a checkpoint recorded before the field existed reads as `shared`."""
     shared, private = build(vitas_space()), build(vitas_space(norms="per_patch"), seed=1)
     keys = private.state_dict().keys()
     assert {"blocks.0.norm1.8.weight", "blocks.0.norm2.16.bias", "norm.16.weight"} <= keys
     assert "blocks.0.norm1.weight" not in keys and "blocks.0.norm1.weight" in shared.state_dict()
-    private.load_state_dict(per_patch_norm_state(shared.state_dict(), private.space))
+    private.load_state_dict(per_patch_state(shared.state_dict(), private.space))
     x, rng = torch.randn(2, 3, 32, 32), random.Random(2)
     with torch.no_grad():
         for _ in range(10):
@@ -356,6 +358,38 @@ def test_per_patch_norms_are_private_and_start_from_a_shared_norm():
     del recorded["norms"]
     shared.space.check_spec(recorded)
     with pytest.raises(UserError, match="'norms' is 'shared' there but 'per_patch'"):
+        private.space.check_spec(recorded)
+
+
+def test_per_patch_blocks_are_private_and_start_from_shared_blocks():
+    """`space.blocks: per_patch`: one block stack per patch size (keys `patch_blocks.<patch>.i.`),
+    trained only by its own patch size, the head shared; a shared-block superformer's weights,
+    expanded by `per_patch_state`, compute the same for every subnet; with `space.norms: per_patch`
+    too, only the final norm is copied per patch size (the blocks' norms are already private); a
+    checkpoint recorded before the field existed reads as `shared`."""
+    shared, private = build(vitas_space()), build(vitas_space(blocks="per_patch"), seed=1)
+    keys = private.state_dict().keys()
+    assert {"patch_blocks.8.0.attn.q.2.weight", "patch_blocks.16.3.norm2.bias", "norm.weight", "head.bias"} <= keys
+    assert not any(k.startswith("blocks.") for k in keys)
+    private.load_state_dict(per_patch_state(shared.state_dict(), private.space))
+    x, rng = torch.randn(2, 3, 32, 32), random.Random(2)
+    with torch.no_grad():
+        for _ in range(10):
+            arch = shared.sample(rng)
+            private.set_active(arch)
+            torch.testing.assert_close(private(x), shared(x), atol=1e-6, rtol=1e-6)
+    private.train().set_active({**private.space.max_arch(), "patch_size": 8})
+    private(x).sum().backward()
+    assert private.patch_blocks["8"][3].mlp.fc2.weight.grad is not None and private.head.weight.grad is not None
+    assert all(p.grad is None for p in private.patch_blocks["16"].parameters())
+    both = build(vitas_space(norms="per_patch", blocks="per_patch"))
+    keys = both.state_dict().keys()
+    assert {"patch_blocks.8.0.norm1.weight", "norm.8.weight", "norm.16.bias"} <= keys
+    assert both.load_state_dict(per_patch_state(shared.state_dict(), both.space)) is not None
+    recorded = shared.space.spec()
+    del recorded["blocks"]
+    shared.space.check_spec(recorded)
+    with pytest.raises(UserError, match="'blocks' is 'shared' there but 'per_patch'"):
         private.space.check_spec(recorded)
 
 

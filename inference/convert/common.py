@@ -17,7 +17,7 @@ from vitas.core.config import Config, DataConfig, SpaceConfig
 from vitas.core.errors import UserError
 from vitas.inference.convert.load import Foreign
 from vitas.inference.hub import sha256_file
-from vitas.supernet.model import Superformer, per_patch_norm_state
+from vitas.supernet.model import Superformer, per_patch_state
 from vitas.supernet.space import SearchSpace
 from vitas.supernet.static import StaticViT, check_arch
 
@@ -121,7 +121,7 @@ def superformer_checkpoint(src: Foreign, layout: str, state: dict[str, torch.Ten
     space = SearchSpace(cfg.space)
     with torch.device("meta"):
         model = Superformer(space, num_classes)
-    state = per_patch_norm_state(state, space)
+    state = per_patch_state(state, space)
     _check_shapes(model.state_dict(), state, f"superformer of space {cfg.space.name!r}")
     return {"model": state, "ema": None, "space": space.spec(), "config": cfg.to_dict(),
             "num_classes": num_classes, "epoch": epoch, "step": 0, "converted_from": provenance(src, layout)}

@@ -3,10 +3,10 @@
 Mechanisms (DESIGN 3): channel policies per dimension (`supernet.channels`), a private stem
 (patch conv, class token, position embedding) per patch size with blocks shared by all patch
 sizes or private to each (`space.blocks`), LayerNorms shared by all patch sizes or private to
-each (`space.norms`), q/k either
-entangled in one timm-style qkv (AutoFormer) or private per head count with a shared v (ViTAS),
-identity shifting through `SearchSpace.canonical`, the attention scale of the active head_dim,
-AutoFormer's 2-D relative positions, and class-token or mean pooling.
+each (`space.norms`), q/k either entangled in one timm-style qkv (AutoFormer) or private per head
+count with a shared v (ViTAS), identity shifting through `SearchSpace.canonical`, the attention
+scale of the active head_dim, AutoFormer's 2-D relative positions, and class-token or mean
+pooling.
 The API follows Once-for-All: `set_active`, `sample`, `set_max`, `set_min`, `extract`.
 """
 from __future__ import annotations

@@ -294,6 +294,7 @@ def superformer_state_from_timm(model: nn.Module, weights: dict[str, torch.Tenso
         pos = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
         notes.append("distillation token and head_dist dropped (the superformer has one class token)")
     _place(state[stem + "pos_embed"], pos, None, None, e)
+
     def put(key: str, src: torch.Tensor, *index: Optional[torch.Tensor], view: Optional[tuple] = None) -> None:
         """Place `src` in every superformer tensor that the shared-layout `key` stands for."""
         for k in superformer_keys(key, model.space):

@@ -335,6 +335,27 @@ def test_layers_run_an_architecture_on_other_blocks():
             model.set_active(arch, layers=bad)
 
 
+def expanded_computes_the_same(shared: Superformer, private: Superformer) -> torch.Tensor:
+    """Load `shared`'s weights into `private` through `per_patch_state` and check that 10 random
+    subnets compute the same in both; returns the images used."""
+    private.load_state_dict(per_patch_state(shared.state_dict(), private.space))
+    x, rng = torch.randn(2, 3, 32, 32), random.Random(2)
+    with torch.no_grad():
+        for _ in range(10):
+            private.set_active(shared.sample(rng))
+            torch.testing.assert_close(private(x), shared(x), atol=1e-6, rtol=1e-6)
+    return x
+
+
+def unrecorded_reads_as_shared(shared: Superformer, private: Superformer, field: str) -> None:
+    """A space record written before `field` existed matches the shared space, not the private."""
+    recorded = shared.space.spec()
+    del recorded[field]
+    shared.space.check_spec(recorded)
+    with pytest.raises(UserError, match=f"'{field}' is 'shared' there but 'per_patch'"):
+        private.space.check_spec(recorded)
+
+
 def test_per_patch_norms_are_private_and_start_from_a_shared_norm():
     """`space.norms: per_patch`: one LayerNorm per patch size, trained only by its own patch size;
     a shared-norm superformer's weights, expanded by `per_patch_state`, compute the same for
@@ -343,22 +364,12 @@ def test_per_patch_norms_are_private_and_start_from_a_shared_norm():
     keys = private.state_dict().keys()
     assert {"blocks.0.norm1.8.weight", "blocks.0.norm2.16.bias", "norm.16.weight"} <= keys
     assert "blocks.0.norm1.weight" not in keys and "blocks.0.norm1.weight" in shared.state_dict()
-    private.load_state_dict(per_patch_state(shared.state_dict(), private.space))
-    x, rng = torch.randn(2, 3, 32, 32), random.Random(2)
-    with torch.no_grad():
-        for _ in range(10):
-            arch = shared.sample(rng)
-            private.set_active(arch)
-            torch.testing.assert_close(private(x), shared(x), atol=1e-6, rtol=1e-6)
+    x = expanded_computes_the_same(shared, private)
     private.train().set_active({**private.space.max_arch(), "patch_size": 8})
     private(x).sum().backward()
     assert private.blocks[0].norm1["8"].weight.grad is not None
     assert private.blocks[0].norm1["16"].weight.grad is None and private.norm["16"].bias.grad is None
-    recorded = shared.space.spec()
-    del recorded["norms"]
-    shared.space.check_spec(recorded)
-    with pytest.raises(UserError, match="'norms' is 'shared' there but 'per_patch'"):
-        private.space.check_spec(recorded)
+    unrecorded_reads_as_shared(shared, private, "norms")
 
 
 def test_per_patch_blocks_are_private_and_start_from_shared_blocks():
@@ -371,13 +382,7 @@ def test_per_patch_blocks_are_private_and_start_from_shared_blocks():
     keys = private.state_dict().keys()
     assert {"patch_blocks.8.0.attn.q.2.weight", "patch_blocks.16.3.norm2.bias", "norm.weight", "head.bias"} <= keys
     assert not any(k.startswith("blocks.") for k in keys)
-    private.load_state_dict(per_patch_state(shared.state_dict(), private.space))
-    x, rng = torch.randn(2, 3, 32, 32), random.Random(2)
-    with torch.no_grad():
-        for _ in range(10):
-            arch = shared.sample(rng)
-            private.set_active(arch)
-            torch.testing.assert_close(private(x), shared(x), atol=1e-6, rtol=1e-6)
+    x = expanded_computes_the_same(shared, private)
     private.train().set_active({**private.space.max_arch(), "patch_size": 8})
     private(x).sum().backward()
     assert private.patch_blocks["8"][3].mlp.fc2.weight.grad is not None and private.head.weight.grad is not None
@@ -385,12 +390,8 @@ def test_per_patch_blocks_are_private_and_start_from_shared_blocks():
     both = build(vitas_space(norms="per_patch", blocks="per_patch"))
     keys = both.state_dict().keys()
     assert {"patch_blocks.8.0.norm1.weight", "norm.8.weight", "norm.16.bias"} <= keys
-    assert both.load_state_dict(per_patch_state(shared.state_dict(), both.space)) is not None
-    recorded = shared.space.spec()
-    del recorded["blocks"]
-    shared.space.check_spec(recorded)
-    with pytest.raises(UserError, match="'blocks' is 'shared' there but 'per_patch'"):
-        private.space.check_spec(recorded)
+    expanded_computes_the_same(shared, both)
+    unrecorded_reads_as_shared(shared, private, "blocks")
 
 
 def test_tokens_and_tables_are_exempt_from_weight_decay():

@@ -136,6 +136,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                     "stack gets its own sandwich every other step",
                                     ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
                                      "space.blocks=per_patch", "supernet.patch_cycle=true"]),
+    "cyclic-sandwich-patchcycle-distill": ("sandwich with the patch cycle and in-place distillation from the step's max "
+                                           "subnet: the two options that each evened out one group's shortfall "
+                                           "(the patch sizes; the narrowest embed width), together",
+                                           ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                                            "supernet.patch_cycle=true", "supernet.distill=true"]),
 }
 # Variants that score another variant's superformer differently (nothing trained of their own):
 # name -> (what it is, the variant whose superformer it scores, scoring overrides).

@@ -136,6 +136,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                     "stack gets its own sandwich every other step",
                                     ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
                                      "space.blocks=per_patch", "supernet.patch_cycle=true"]),
+    "cyclic-sandwich-patchblocks-nocycle": ("a block stack per patch size under the plain sandwich, whose max subnet is "
+                                            "always patch 4: patch 8's stack trains only through the min subnet and "
+                                            "random draws (does the offset follow the steps each grid gets?)",
+                                            ["space.channels.embed=cyclic", "supernet.sampling=sandwich",
+                                             "space.blocks=per_patch"]),
     "cyclic-sandwich-patchcycle-distill": ("sandwich with the patch cycle and in-place distillation from the step's max "
                                            "subnet: the two options that each evened out one group's shortfall "
                                            "(the patch sizes; the narrowest embed width), together",

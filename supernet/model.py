@@ -231,9 +231,7 @@ class Superformer(ExplicitAttention, nn.Module):
 
     def attention_blocks(self) -> list[nn.Module]:
         """Every block of every stack (what `explicit_attention` switches)."""
-        if self.space.cfg.blocks == "per_patch":
-            return [b for stack in self.patch_blocks.values() for b in stack]
-        return list(self.blocks)
+        return [m for m in self.modules() if isinstance(m, SuperBlock)]
 
     # ------------------------------------------------------------------ activation
     def set_active(self, arch: dict, side: str = "left", layers: Optional[Sequence[int]] = None) -> None:

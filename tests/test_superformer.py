@@ -387,6 +387,8 @@ def test_per_patch_blocks_are_private_and_start_from_shared_blocks():
     private(x).sum().backward()
     assert private.patch_blocks["8"][3].mlp.fc2.weight.grad is not None and private.head.weight.grad is not None
     assert all(p.grad is None for p in private.patch_blocks["16"].parameters())
+    private.explicit_attention = True  # the switch reaches every stack
+    assert all(b.attn.explicit for stack in private.patch_blocks.values() for b in stack)
     both = build(vitas_space(norms="per_patch", blocks="per_patch"))
     keys = both.state_dict().keys()
     assert {"patch_blocks.8.0.norm1.weight", "norm.8.weight", "norm.16.bias"} <= keys

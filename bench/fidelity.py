@@ -3,9 +3,10 @@
 One rerunnable, resumable study, run through the real `vitas` command line:
 1. data: the fidelity data set (`vitas data`), unless it exists;
 2. ground truth: `--archs` architectures drawn evenly over the space's MACs range, each trained
-   from scratch for the config's `retrain.epochs` with `--seeds` seeds (`vitas rank
-   --ground-truth-epochs E --ground-truth-seeds S`, which caches every run), written as a
-   ground-truth table;
+   from scratch for the config's `retrain.epochs` with `--truth-seeds` seeds (default: all the
+   record's, at least `--seeds`; `vitas rank --ground-truth-epochs E --ground-truth-seeds S`,
+   which caches every run), written as a ground-truth table; a table with fewer seeds gets the
+   missing ones, each seed one `vitas rank` (`retrain.seed`) over the same architectures;
 3. superformers: one per variant (channel policy on the embed dimension, sampler, and the
    training options of `VARIANTS`), all at the same number of optimizer steps
    (`supernet.epochs` x steps per epoch), wall time per step recorded; the variants of
@@ -34,6 +35,12 @@ fresh clone with the same key reuses them instead of training them again. A run 
 only some variants keeps the others' rows of the results file when its ground truth is the same
 (`carried_over` names them). `--toy` runs the whole study on a few digits
 architectures for a minute (the test suite does).
+
+`--rescore` trains no superformer: every row of the results file is ranked again, from the
+inherited top-1 per architecture it keeps, against the table as it is now (grown by seeds with
+`--truth-seeds`; its architectures and first seeds must be those the rows were measured on).
+Ranked against the same table it reproduces every row's numbers; the proxies are the default
+config's for every row, as the table shows them.
 
 `--partial` trains nothing: it ranks the superformers already trained under `--work` against the
 ground-truth architectures whose every seed has finished so far (a table that grows while the
@@ -267,28 +274,57 @@ def ensure_data(study: Study, name: str, size_args: list[str]) -> None:
 
 
 def ground_truth(study: Study, archs: int, seeds: int, executor: str) -> Path:
-    """The table of `archs` architectures' mean val top-1 over `seeds` seeds (trained once)."""
+    """The table of `archs` architectures' mean val top-1 over `seeds` seeds (trained once). A
+    table already there (the cache's, else the record's) with fewer seeds gets the missing ones
+    (`more_seeds`); one with more is averaged over its first `seeds` (the record keeps them all)."""
     table = study.work / "ground_truth.json"
-    recorded = study.record.get("ground_truth")
-    if not table.is_file() and recorded and len(recorded) == archs and all(
-            len(r["seed_runs"]) == seeds for r in recorded):
-        _write(table, recorded)  # trained before, on a clone with the same config and data
-    if table.is_file():
-        study.record["ground_truth"] = json.loads(table.read_text())
-        return table
-    out = study.work / "ground_truth"
-    # Slurm (when the local cluster runs) trains one array task per (arch, seed), two at a time.
-    study.stage("rank", out, f"rank.archs={archs}", "rank.proxies=[]", "rank.inherited=false",
-                f"rank.ground_truth_seeds={seeds}", "launch.timeout_min=600",
-                f"launch.executor={executor}",
-                options=("--ground-truth-epochs", str(_retrain_epochs(study))))
-    rows = _csv(out / "rank" / "ranking.csv")
-    runs = json.loads((out / "rank" / "correlations.json").read_text())["ground_truth"]["runs"]
-    entries = [{"arch": json.loads(r["arch"]), "trained_top1": float(r["trained_top1"]),
-                "seed_runs": run} for r, run in zip(rows, runs)]
-    _write(table, entries)
-    study.record["ground_truth"] = entries
+    tables = [study.record.get("ground_truth"), json.loads(table.read_text()) if table.is_file() else None]
+    recorded = max((t for t in tables if t and len(t) == archs), key=_seeds_of, default=None)
+    if recorded is None:
+        out = study.work / "ground_truth"
+        _train_ground_truth(study, out, archs, executor, f"rank.ground_truth_seeds={seeds}")
+        rows = _csv(out / "rank" / "ranking.csv")
+        runs = json.loads((out / "rank" / "correlations.json").read_text())["ground_truth"]["runs"]
+        recorded = [{"arch": json.loads(r["arch"]), "trained_top1": float(r["trained_top1"]),
+                     "seed_runs": run} for r, run in zip(rows, runs)]
+    have = _seeds_of(recorded)
+    if have < seeds:
+        recorded = more_seeds(study, recorded, range(have, seeds), executor)
+    study.record["ground_truth"] = recorded
+    _write(table, [{**r, "seed_runs": r["seed_runs"][:seeds], "trained_top1": float(np.mean(r["seed_runs"][:seeds]))}
+                   for r in recorded])
     return table
+
+
+def _seeds_of(rows: Optional[list[dict]]) -> int:
+    """The seeds every architecture of a ground-truth table has (0 for no table)."""
+    return min((len(r["seed_runs"]) for r in rows or []), default=0)
+
+
+def _train_ground_truth(study: Study, out: Path, archs: int, executor: str, *overrides: str) -> None:
+    """`vitas rank` training the `archs` architectures of the study from scratch into `out` (on
+    Slurm, when the local cluster runs, one array task per (arch, seed), two at a time)."""
+    study.stage("rank", out, f"rank.archs={archs}", "rank.proxies=[]", "rank.inherited=false",
+                "launch.timeout_min=600", f"launch.executor={executor}", *overrides,
+                options=("--ground-truth-epochs", str(_retrain_epochs(study))))
+
+
+def more_seeds(study: Study, rows: list[dict], seeds: range, executor: str) -> list[dict]:
+    """`rows` with the seeds `seeds` added to every architecture's runs: one `vitas rank` per
+    seed (`retrain.seed`), into `ground_truth-seed<s>`, `jobs` at a time. The architectures are
+    drawn by the config as the first seeds' were; a config that draws others is refused."""
+    def one(seed: int) -> dict[str, float]:
+        out = study.work / f"ground_truth-seed{seed}"
+        _train_ground_truth(study, out, len(rows), executor, "rank.ground_truth_seeds=1", f"retrain.seed={seed}")
+        return {_arch_key(json.loads(r["arch"])): float(r["trained_top1"]) for r in _csv(out / "rank" / "ranking.csv")}
+
+    added = study.parallel(one, list(seeds))
+    keys = [_arch_key(r["arch"]) for r in rows]
+    for seed, top1 in zip(seeds, added):
+        if set(top1) != set(keys):
+            raise SystemExit(f"seed {seed} of the ground truth drew other architectures than the table's: "
+                             "the config or its space changed")
+    return [{**r, "seed_runs": [*r["seed_runs"], *(top1[k] for top1 in added)]} for r, k in zip(rows, keys)]
 
 
 def train_supernet(study: Study, name: str, seed: int = 0) -> Path:
@@ -452,8 +488,15 @@ def ground_truth_noise(rows: list[dict]) -> dict:
     if len(pairs) < 3:
         return {}
     a, b = np.array(pairs).T
-    return {"archs": len(pairs), "kendall_seed0_vs_seed1": correlation(a, b, "kendall"),
-            "mean_abs_difference": float(np.mean(np.abs(a - b)))}
+    out = {"archs": len(pairs), "kendall_seed0_vs_seed1": correlation(a, b, "kendall"),
+           "mean_abs_difference": float(np.mean(np.abs(a - b)))}
+    seeds = min(len(r["seed_runs"]) for r in rows)
+    if seeds >= 4 and len(pairs) == len(rows):  # two halves of the seeds, each a mean
+        runs = np.array([r["seed_runs"][:seeds] for r in rows])
+        first, second = runs[:, :seeds // 2].mean(axis=1), runs[:, seeds // 2:seeds // 2 * 2].mean(axis=1)
+        out["halves"] = {"seeds_each": seeds // 2, "kendall": correlation(first, second, "kendall"),
+                         "mean_abs_difference": float(np.mean(np.abs(first - second)))}
+    return out
 
 
 def work_seconds(study: Study) -> dict:
@@ -470,7 +513,7 @@ def work_seconds(study: Study) -> dict:
         return sum(p.stat().st_mtime - (p.parent / "config.yaml").stat().st_mtime
                    for p in study.work.glob(pattern) if (p.parent / "config.yaml").is_file())
 
-    gt, unrecorded = train(sorted(study.work.glob("ground_truth/rank/ground_truth/*/seed*/summary.json")))
+    gt, unrecorded = train(sorted(study.work.glob("ground_truth*/rank/ground_truth/*/seed*/summary.json")))
     return {"ground truth training": round(gt, 1), "ground truth runs without a record": unrecorded,
             "superformers": {p.parent.parent.name: round(json.loads(p.read_text())["train_seconds"], 1)
                              for p in sorted(study.work.glob("supernets/*/supernet/summary.json"))},
@@ -550,6 +593,11 @@ def table_markdown(result: dict) -> str:
     if noise:
         lines.append(f"| ground truth itself: seed 0 vs seed 1 ({noise['archs']} archs) | "
                      f"{_cell(noise['kendall_seed0_vs_seed1'])} | - | - | - | - | - | - |")
+    halves = noise.get("halves")
+    if halves:
+        n = halves["seeds_each"]
+        lines.append(f"| ground truth itself: mean of seeds 0-{n - 1} vs seeds {n}-{2 * n - 1} | "
+                     f"{_cell(halves['kendall'])} | - | - | - | - | - | - |")
     first = next(iter(result["variants"].values()))["rank"]["results"][target]
     by_size = (result.get("budget") or {}).get("params")  # the GA's choice scoring by #params
     for score in result["proxies"] + ["params", "macs"]:
@@ -666,6 +714,12 @@ def summarise(result: dict) -> str:
                      f"{noise['archs']} architectures, mean |difference| {noise['mean_abs_difference']:.2f} "
                      "points): a score at that tau against the seed mean ranks about as well as a second "
                      "training run of the ground truth would.")
+        halves = noise.get("halves")
+        if halves:
+            n = halves["seeds_each"]
+            lines.append(f"- Its two halves, the mean of seeds 0-{n - 1} against that of seeds {n}-{2 * n - 1}, agree at "
+                         f"tau {_cell(halves['kendall'])} (mean |difference| {halves['mean_abs_difference']:.2f} points); "
+                         f"the table ranks by the mean of all {2 * n}.")
     return "\n".join(lines)
 
 
@@ -677,7 +731,11 @@ def main() -> int:
     parser.add_argument("--dataset", default="digits", help="`vitas data` generator of --data")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fidelity")
     parser.add_argument("--archs", type=int, default=24)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=2, help="seeds of every retraining (and of the ground truth)")
+    parser.add_argument("--truth-seeds", type=int, default=None,
+                        help="seeds of the ground truth alone (default: all the record's, at least --seeds); a "
+                             "recorded table with fewer gets the missing ones trained, one with more is "
+                             "averaged over its first")
     parser.add_argument("--random", type=int, default=8, help="random architectures in the end-to-end check")
     parser.add_argument("--variants", default=",".join(BASELINE_VARIANTS),
                         help=f"comma-separated, of {list(VARIANTS)} (or 'all')")
@@ -696,6 +754,9 @@ def main() -> int:
                         help="slurm: one array task per (arch, seed), as many at once as the cluster has CPUs")
     parser.add_argument("--partial", action="store_true",
                         help="train nothing: rank the trained superformers against the finished ground truth")
+    parser.add_argument("--rescore", action="store_true",
+                        help="train no superformer: rank every row of --out again from its inherited top-1 per "
+                             "architecture against the ground truth as it is now (after --truth-seeds added seeds)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run")
     args = parser.parse_args()
     extra = list(args.overrides)
@@ -722,10 +783,13 @@ def main() -> int:
     start = time.time()
     study.timed("data", ensure_data, study, args.dataset, [])
     study.load_record(record_path(args.out), args.dataset)
-    table = study.timed("ground truth", ground_truth, study, args.archs, args.seeds,
+    args.truth_seeds = args.truth_seeds or max(args.seeds, _seeds_of(study.record.get("ground_truth")))
+    table = study.timed("ground truth", ground_truth, study, args.archs, args.truth_seeds,
                         args.ground_truth_executor)
     gt_rows = json.loads(table.read_text())
     _write(record_path(args.out), study.record)  # hours of training, kept before the superformers train
+    if args.rescore:
+        return run_rescore(study, args, table, gt_rows, proxies)
     trained = list(dict.fromkeys(trained_as(n) for n in names))
     stable = list(dict.fromkeys(n for n in [DEFAULT, *args.stability.split(",")] if n in names))
     # the stability part's second seeds train beside the first ones, `jobs` at a time
@@ -734,8 +798,8 @@ def main() -> int:
                                                lambda p: train_supernet(study, *p), pairs)))
     runs = {n: superformers[(trained_as(n), 0)] for n in names}
     result: dict[str, Any] = {"config": str(args.config), "data": str(args.data), "archs": args.archs,
-                              "seeds": args.seeds, "proxies": proxies, "variants": {},
-                              "ground_truth_sha1": truth_sha1(gt_rows)}
+                              "seeds": args.seeds, "truth_seeds": args.truth_seeds, "proxies": proxies,
+                              "variants": {}, "ground_truth_sha1": truth_sha1(gt_rows)}
     ranks = study.timed("ranking", study.parallel,
                         lambda n: rank_variant(study, n, runs[n], table, proxies if n == names[0] else [],
                                                folder=folder_of(n, "rank-gt")),
@@ -791,6 +855,16 @@ def record_path(out: Path) -> Path:
 def truth_sha1(rows: list[dict]) -> str:
     """A fingerprint of a ground-truth table: its architectures and every seed's top-1."""
     return hashlib.sha1(json.dumps([[r["arch"], r["seed_runs"]] for r in rows], sort_keys=True).encode()).hexdigest()
+
+
+def same_architectures(old: dict, truth: list[dict]) -> bool:
+    """Whether results `old` were measured on `truth`'s architectures, in its order, against the
+    first of its seeds (the table has since grown by seeds, not by architectures)."""
+    seeds = old.get("truth_seeds", old.get("seeds"))
+    if not old.get("variants") or old.get("partial") or old.get("archs") != len(truth) or not seeds:
+        return False
+    first = [{"arch": r["arch"], "seed_runs": r["seed_runs"][:seeds]} for r in truth]
+    return old.get("ground_truth_sha1") == truth_sha1(first)
 
 
 def earlier_results(out: Path, truth: list[dict]) -> dict:
@@ -862,7 +936,7 @@ def partial_table(study: Study, seeds: int) -> tuple[Path, list[dict]]:
 def run_partial(study: Study, names: list[str], args: Any, proxies: list[str]) -> int:
     """Rank every already-trained variant against the partial ground truth (see the docstring)."""
     start = time.time()
-    table, rows = partial_table(study, args.seeds)
+    table, rows = partial_table(study, args.truth_seeds or args.seeds)
     tag = hashlib.sha1(table.read_bytes()).hexdigest()[:8]
     trained = [n for n in names
                if (study.work / "supernets" / trained_as(n) / "supernet" / "summary.json").is_file()]
@@ -884,6 +958,64 @@ def run_partial(study: Study, names: list[str], args: Any, proxies: list[str]) -
     result["seconds"] = {"ranking": round(time.time() - start, 1)}
     out_json = args.out.with_name("fidelity_partial.json") if args.out == RESULTS else args.out
     _write(out_json, result)
+    if not args.no_doc:
+        write_doc(result, args.doc)
+    print(table_markdown(result))
+    print(result["summary_text"])
+    return 0
+
+
+def run_rescore(study: Study, args: Any, table: Path, gt_rows: list[dict], proxies: list[str]) -> int:
+    """Train no superformer: rank every row of the results file again, from the inherited top-1
+    per architecture it keeps, against the ground truth as it is now (the same architectures with
+    more seeds); the proxies and baselines ranked once more by `vitas rank` without a superformer
+    (training-free). The end-to-end check does not depend on the table's seeds and is kept."""
+    from vitas.core.config import load_config
+    from vitas.search.ranking.stats import banded_estimate, estimate
+    from vitas.search.ranking.study import INHERITED, TRAINED, report
+
+    start = time.time()
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if not same_architectures(old, gt_rows):
+        raise SystemExit(f"{args.out} was not measured on this ground truth's architectures: nothing to rescore")
+    sizes = study.work / f"rank-gt-sizes-{hashlib.sha1(table.read_bytes()).hexdigest()[:8]}"
+    if not (sizes / "rank" / "correlations.json").is_file():
+        study.stage("rank", sizes, f"rank.proxies={json.dumps(proxies)}", f"rank.targets=[{TRAINED}]",
+                    "rank.inherited=false", options=("--ground-truth", str(table)))
+    shared = json.loads((sizes / "rank" / "correlations.json").read_text())["results"][TRAINED]
+    by_key = {_arch_key(json.loads(r["arch"])): r for r in _csv(sizes / "rank" / "ranking.csv")}
+    sized = [by_key[_arch_key(r["arch"])] for r in gt_rows]
+    target = [r["trained_top1"] for r in gt_rows]
+    macs = [float(r["macs"]) for r in sized]
+    cfg = load_config(study.config, study.base)
+    bands = min(cfg.rank.bands, len(gt_rows))
+    result = {**old, "truth_seeds": _seeds_of(gt_rows), "ground_truth_sha1": truth_sha1(gt_rows),
+              "rescored": {"from_ground_truth_sha1": old["ground_truth_sha1"],
+                           "from_truth_seeds": old.get("truth_seeds", old["seeds"])}, "variants": {}}
+    for name, v in old["variants"].items():
+        scores = v.get("inherited_top1") or []
+        if len(scores) != len(gt_rows) or None in scores:
+            print(f"{name}: no inherited top-1 for every architecture, left out of the rescored table")
+            continue
+        rows = [{"params": float(r["params"]), "macs": float(r["macs"]), INHERITED: x, TRAINED: t}
+                for r, x, t in zip(sized, scores, target)]
+        entry = report(rows, [INHERITED], [TRAINED], cfg)[TRAINED][INHERITED]
+        result["variants"][name] = {**v, "rank": {**v["rank"], "results": {TRAINED: {**shared, INHERITED: entry}}}}
+        result["variants"][name].pop("vs_default", None)
+        breakdowns(result["variants"][name], gt_rows)
+    versus_default(result, gt_rows, macs, bands=cfg.rank.bands, n_resamples=cfg.rank.bootstrap)
+    for name, st in (old.get("stability") or {}).items():
+        if name in result["variants"] and None not in (st.get("inherited_top1_seed1") or [None]):
+            pair = (result["variants"][name]["inherited_top1"], st["inherited_top1_seed1"])
+            result["stability"][name] = {**st, "tau_vs_truth": [estimate(x, target) for x in pair],
+                                         "banded_vs_truth": [banded_estimate(x, target, macs, bands) for x in pair]}
+    result["ground_truth_noise"] = ground_truth_noise(gt_rows)
+    result["completed"] = "rescored"
+    result["rescore_seconds"] = {**{k: round(v, 1) for k, v in study.times.items()}, "total": round(time.time() - start, 1)}
+    result["rescore_work_seconds"] = work_seconds(study)
+    result["summary_text"] = summarise(result)
+    _write(args.out, result)
+    _write(record_path(args.out), study.record)
     if not args.no_doc:
         write_doc(result, args.doc)
     print(table_markdown(result))

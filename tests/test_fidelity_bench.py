@@ -102,6 +102,36 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     assert merged["variants"]["left-uniform"] == variants["left-uniform"]  # kept as measured
     assert len(merged["variants"]["cyclic-sandwich"]["inherited_top1"]) == 3
     assert None not in merged["variants"]["cyclic-sandwich"]["inherited_top1"]
+    # --rescore trains nothing and ranks every row again from the inherited top-1 it keeps: against
+    # the same table it reproduces each row's ranking exactly.
+    rescore = [*cmd[:-2], "--work", str(tmp_path / "clone"), "--rescore"]
+    same = subprocess.run(rescore, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert same.returncode == 0, same.stderr[-3000:]
+    again = json.loads(out.read_text())
+    assert again["completed"] == "rescored" and list(again["variants"]) == list(merged["variants"])
+    for name, row in merged["variants"].items():
+        assert again["variants"][name]["rank"]["results"]["trained_top1"]["inherited_top1"] == \
+            row["rank"]["results"]["trained_top1"]["inherited_top1"]
+    assert again["stability"] == merged["stability"] and again["budget"] == merged["budget"]
+    # With a third ground-truth seed asked for, only that seed trains (one run per architecture),
+    # the record keeps all three, and every row is ranked against the new means.
+    grown = subprocess.run([*rescore, "--truth-seeds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert len(list((tmp_path / "clone" / "ground_truth-seed2").glob("rank/ground_truth/*/seed2/summary.json"))) == 3
+    assert not (tmp_path / "clone" / "ground_truth").exists()
+    assert sorted(p.name for p in (tmp_path / "clone" / "supernets").iterdir()) == ["cyclic-sandwich", "left-uniform"]
+    truth = json.loads((tmp_path / "fidelity_record.json").read_text())["ground_truth"]
+    assert [r["seed_runs"][:2] for r in truth] == [r["seed_runs"] for r in record["ground_truth"]]
+    assert all(len(r["seed_runs"]) == 3 for r in truth)
+    rescored = json.loads(out.read_text())
+    assert rescored["truth_seeds"] == 3 and rescored["rescored"]["from_truth_seeds"] == 2
+    means = [float(np.mean(r["seed_runs"])) for r in truth]
+    for row in rescored["variants"].values():
+        tau = row["rank"]["results"]["trained_top1"]["inherited_top1"]["kendall"]["estimate"]
+        assert tau == pytest.approx(kendalltau(row["inherited_top1"], means).statistic)
+    # A run without --truth-seeds takes every seed the record has.
+    assert subprocess.run(rescore, cwd=ROOT, capture_output=True, text=True, timeout=600).returncode == 0
+    assert json.loads(out.read_text())["ground_truth_sha1"] == rescored["ground_truth_sha1"]
 
 
 def test_each_variant_is_compared_with_the_default_paired_over_the_same_architectures() -> None:
@@ -143,3 +173,21 @@ def test_carried_rows_keep_the_seconds_of_the_run_that_measured_them() -> None:
     third = {"variants": {"d": {}}}
     study.carry_variants(third, second, ["d"])
     assert third["carried_work_seconds"] == {"a": 10.0, "a-seed1": 11.0, "b": 20.0, "c": 30.0}
+
+
+def test_results_are_rescored_only_on_the_architectures_they_were_measured_on() -> None:
+    """A table grown by seeds keeps its architectures and first seeds: its old results can be ranked
+    again. Other architectures, another order or changed first seeds cannot."""
+    spec = importlib.util.spec_from_file_location("fidelity_same", ROOT / "bench" / "fidelity.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    truth = [{"arch": {"depth": d}, "seed_runs": [50.0 + d, 51.0 + d, 49.0 + d]} for d in range(4)]
+    first = [{**r, "seed_runs": r["seed_runs"][:2]} for r in truth]
+    old = {"variants": {"a": {}}, "archs": 4, "seeds": 2, "ground_truth_sha1": study.truth_sha1(first)}
+    assert study.same_architectures(old, truth)
+    assert study.same_architectures({**old, "truth_seeds": 3, "ground_truth_sha1": study.truth_sha1(truth)}, truth)
+    assert not study.same_architectures(old, truth[::-1])
+    assert not study.same_architectures({**old, "archs": 3}, truth[:3])
+    changed = [{**truth[0], "seed_runs": [0.0, 51.0, 49.0]}, *truth[1:]]
+    assert not study.same_architectures(old, changed)
+    assert not study.same_architectures({**old, "partial": True}, truth)

@@ -311,11 +311,17 @@ def _train_ground_truth(study: Study, out: Path, archs: int, executor: str, *ove
 
 def more_seeds(study: Study, rows: list[dict], seeds: range, executor: str) -> list[dict]:
     """`rows` with the seeds `seeds` added to every architecture's runs: one `vitas rank` per
-    seed (`retrain.seed`), into `ground_truth-seed<s>`, `jobs` at a time. The architectures are
-    drawn by the config as the first seeds' were; a config that draws others is refused."""
+    seed (`retrain.seed` the config's plus s, as `vitas rank` numbers a table's seeds), into
+    `ground_truth-seed<s>`, `jobs` at a time. The architectures are drawn by the config as the
+    first seeds' were; a config that draws others is refused."""
+    from vitas.core.config import load_config
+
+    first = load_config(study.config, study.base).retrain.seed
+
     def one(seed: int) -> dict[str, float]:
         out = study.work / f"ground_truth-seed{seed}"
-        _train_ground_truth(study, out, len(rows), executor, "rank.ground_truth_seeds=1", f"retrain.seed={seed}")
+        _train_ground_truth(study, out, len(rows), executor, "rank.ground_truth_seeds=1",
+                            f"retrain.seed={first + seed}")
         return {_arch_key(json.loads(r["arch"])): float(r["trained_top1"]) for r in _csv(out / "rank" / "ranking.csv")}
 
     added = study.parallel(one, list(seeds))

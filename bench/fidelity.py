@@ -708,11 +708,13 @@ def summarise(result: dict) -> str:
                          + ", ".join(f"{n} {v['mean'] - size['mean']:+.2f}" for n, v in budget["variants"].items())
                          + "; beyond both choices' seed spreads: " + (", ".join(ahead) or "none") + ".")
     for name, stability in (result.get("stability") or {}).items():
+        taus, bands = stability["tau_vs_truth"], stability["banded_vs_truth"]
         lines.append(f"- Stability: two {name} superformers (supernet.seed 0 and 1) rank the architectures "
                      f"with tau {_signed(stability['tau_between_seeds'])} to each other, "
-                     f"{_signed(stability['tau_vs_truth'][0])} and {_signed(stability['tau_vs_truth'][1])} "
-                     f"to the ground truth ({_signed(stability['banded_vs_truth'][0])} and "
-                     f"{_signed(stability['banded_vs_truth'][1])} within MACs bands).")
+                     + (f"{_signed(taus[0])} and {_signed(taus[1])} to the ground truth ({_signed(bands[0])} and "
+                        f"{_signed(bands[1])} within MACs bands)." if None not in taus else
+                        f"{_signed(taus[0])} and (seed 1: unknown, its scores were not kept) to the ground truth "
+                        f"({_signed(bands[0])} within MACs bands)."))
     noise = result.get("ground_truth_noise") or {}
     if noise:
         c = noise["kendall_seed0_vs_seed1"]
@@ -1010,11 +1012,12 @@ def run_rescore(study: Study, args: Any, table: Path, gt_rows: list[dict], proxi
         result["variants"][name].pop("vs_default", None)
         breakdowns(result["variants"][name], gt_rows)
     versus_default(result, gt_rows, macs, bands=cfg.rank.bands, n_resamples=cfg.rank.bootstrap)
-    for name, st in (old.get("stability") or {}).items():
-        if name in result["variants"] and None not in (st.get("inherited_top1_seed1") or [None]):
-            pair = (result["variants"][name]["inherited_top1"], st["inherited_top1_seed1"])
-            result["stability"][name] = {**st, "tau_vs_truth": [estimate(x, target) for x in pair],
-                                         "banded_vs_truth": [banded_estimate(x, target, macs, bands) for x in pair]}
+    for name, st in (old.get("stability") or {}).items():  # seed 1's scores kept since stop 28 only
+        first, second = (result["variants"].get(name) or {}).get("inherited_top1"), st.get("inherited_top1_seed1")
+        pair = [x if x and None not in x else None for x in (first, second)]
+        result["stability"][name] = {
+            **st, "tau_vs_truth": [None if x is None else estimate(x, target) for x in pair],
+            "banded_vs_truth": [None if x is None else banded_estimate(x, target, macs, bands) for x in pair]}
     result["ground_truth_noise"] = ground_truth_noise(gt_rows)
     result["completed"] = "rescored"
     result["rescore_seconds"] = {**{k: round(v, 1) for k, v in study.times.items()}, "total": round(time.time() - start, 1)}

@@ -36,11 +36,11 @@ only some variants keeps the others' rows of the results file when its ground tr
 (`carried_over` names them). `--toy` runs the whole study on a few digits
 architectures for a minute (the test suite does).
 
-`--rescore` trains no superformer: every row of the results file is ranked again, from the
-inherited top-1 per architecture it keeps, against the table as it is now (grown by seeds with
-`--truth-seeds`; its architectures and first seeds must be those the rows were measured on).
-Ranked against the same table it reproduces every row's numbers; the proxies are the default
-config's for every row, as the table shows them.
+`--rescore` trains no superformer but the second seeds of `--stability`: every row of the
+results file is ranked again, from the inherited top-1 per architecture it keeps, against the
+table as it is now (grown by seeds with `--truth-seeds`; its architectures and first seeds must be
+those the rows were measured on). Ranked against the same table it reproduces every row's
+numbers; the proxies are the default config's for every row, as the table shows them.
 
 `--partial` trains nothing: it ranks the superformers already trained under `--work` against the
 ground-truth architectures whose every seed has finished so far (a table that grows while the
@@ -974,10 +974,15 @@ def run_partial(study: Study, names: list[str], args: Any, proxies: list[str]) -
 
 
 def run_rescore(study: Study, args: Any, table: Path, gt_rows: list[dict], proxies: list[str]) -> int:
-    """Train no superformer: rank every row of the results file again, from the inherited top-1
-    per architecture it keeps, against the ground truth as it is now (the same architectures with
-    more seeds); the proxies and baselines ranked once more by `vitas rank` without a superformer
-    (training-free). The end-to-end check does not depend on the table's seeds and is kept."""
+    """Train no superformer but the second seeds `--stability` names: rank every row of the results
+    file again, from the inherited top-1 per architecture it keeps, against the ground truth as it
+    is now (the same architectures with more seeds); the proxies and baselines ranked once more by
+    `vitas rank` without a superformer (training-free). A `--stability` variant's second
+    superformer (trained, or found in the cache) is ranked too and replaces its stability entry:
+    its tau to the kept first seed's scores. The end-to-end check does not depend on the table's
+    seeds and is kept."""
+    from scipy.stats import kendalltau
+
     from vitas.core.config import load_config
     from vitas.search.ranking.stats import banded_estimate, estimate
     from vitas.search.ranking.study import INHERITED, TRAINED, report
@@ -1012,9 +1017,14 @@ def run_rescore(study: Study, args: Any, table: Path, gt_rows: list[dict], proxi
         result["variants"][name].pop("vs_default", None)
         breakdowns(result["variants"][name], gt_rows)
     versus_default(result, gt_rows, macs, bands=cfg.rank.bands, n_resamples=cfg.rank.bootstrap)
-    for name, st in (old.get("stability") or {}).items():  # seed 1's scores kept since stop 28 only
+    stable = [n for n in args.stability.split(",") if n in result["variants"]]
+    again = dict(zip(stable, study.timed("stability", study.parallel,
+                                         lambda n: second_seed(study, n, table, gt_rows), stable)))
+    for name, st in {**(old.get("stability") or {}), **again}.items():  # seed 1's scores kept since stop 28
         first, second = (result["variants"].get(name) or {}).get("inherited_top1"), st.get("inherited_top1_seed1")
         pair = [x if x and None not in x else None for x in (first, second)]
+        if name in again:
+            st = {**st, "tau_between_seeds": float(kendalltau(*pair).statistic)}
         result["stability"][name] = {
             **st, "tau_vs_truth": [None if x is None else estimate(x, target) for x in pair],
             "banded_vs_truth": [None if x is None else banded_estimate(x, target, macs, bands) for x in pair]}
@@ -1030,6 +1040,18 @@ def run_rescore(study: Study, args: Any, table: Path, gt_rows: list[dict], proxi
     print(table_markdown(result))
     print(result["summary_text"])
     return 0
+
+
+def second_seed(study: Study, name: str, table: Path, truth: list[dict]) -> dict:
+    """Variant `name`'s superformer of supernet.seed 1 (trained once, cached) ranked against
+    `table`: its inherited top-1 per architecture in the table's order (`inherited_top1_seed1`)."""
+    run = train_supernet(study, name, seed=1)
+    folder = f"rank-gt-{hashlib.sha1(table.read_bytes()).hexdigest()[:8]}"  # one per table
+    rank_variant(study, name, run, table, [], folder=folder)
+    rows = _csv(run / folder / "rank" / "ranking.csv")
+    scores = {_arch_key(json.loads(r["arch"])): float(r["inherited_top1"]) for r in rows}
+    return {"inherited_top1_seed1": [scores.get(_arch_key(r["arch"])) for r in truth],
+            "seed1_train_seconds": json.loads((run / "supernet" / "summary.json").read_text())["train_seconds"]}
 
 
 def _end_to_end(study: Study, names: list[str], runs: dict[str, Path], gt_rows: list[dict], args: Any) -> dict:

@@ -116,7 +116,8 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     assert again["stability"] == merged["stability"] and again["budget"] == merged["budget"]
     # With a third ground-truth seed asked for, only that seed trains (one run per architecture),
     # the record keeps all three, and every row is ranked against the new means.
-    grown = subprocess.run([*rescore, "--truth-seeds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    grown = subprocess.run([*rescore, "--truth-seeds", "3", "--stability", "cyclic-sandwich"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
     assert grown.returncode == 0, grown.stderr[-3000:]
     assert len(list((tmp_path / "clone" / "ground_truth-seed2").glob("rank/ground_truth/*/seed2/summary.json"))) == 3
     assert not (tmp_path / "clone" / "ground_truth").exists()
@@ -127,6 +128,14 @@ def test_the_fidelity_study_runs_on_a_toy_size(tiny_digits: Path, tmp_path: Path
     rescored = json.loads(out.read_text())
     assert rescored["truth_seeds"] == 3 and rescored["rescored"]["from_truth_seeds"] == 2
     means = [float(np.mean(r["seed_runs"])) for r in truth]
+    # --stability: the second superformer (found in the cache, not trained again) ranked against the
+    # new table, its tau to the first seed's kept scores
+    stable = rescored["stability"]["cyclic-sandwich"]
+    ranked = list((tmp_path / "clone" / "supernets" / "cyclic-sandwich-seed1").glob("rank-gt-*/rank/ranking.csv"))
+    assert len(ranked) == 1 and stable["inherited_top1_seed1"] == merged["stability"]["cyclic-sandwich"]["inherited_top1_seed1"]
+    first = rescored["variants"]["cyclic-sandwich"]["inherited_top1"]
+    expected = kendalltau(first, stable["inherited_top1_seed1"]).statistic
+    assert stable["tau_between_seeds"] == pytest.approx(expected, nan_ok=True)
     table = json.loads((tmp_path / "clone" / "ground_truth.json").read_text())
     assert [r["trained_top1"] for r in table] == pytest.approx(means)
     for row in rescored["variants"].values():

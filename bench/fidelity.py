@@ -1002,9 +1002,10 @@ def run_rescore(study: Study, args: Any, table: Path, gt_rows: list[dict], proxi
     macs = [float(r["macs"]) for r in sized]
     cfg = load_config(study.config, study.base)
     bands = min(cfg.rank.bands, len(gt_rows))
-    result = {**old, "truth_seeds": _seeds_of(gt_rows), "ground_truth_sha1": truth_sha1(gt_rows),
-              "rescored": {"from_ground_truth_sha1": old["ground_truth_sha1"],
-                           "from_truth_seeds": old.get("truth_seeds", old["seeds"])}, "variants": {}}
+    result = {**old, "truth_seeds": _seeds_of(gt_rows), "ground_truth_sha1": truth_sha1(gt_rows), "variants": {}}
+    if old["ground_truth_sha1"] != result["ground_truth_sha1"]:  # else: the table it was rescored from stays
+        result["rescored"] = {"from_ground_truth_sha1": old["ground_truth_sha1"],
+                              "from_truth_seeds": old.get("truth_seeds", old["seeds"])}
     for name, v in old["variants"].items():
         scores = v.get("inherited_top1") or []
         if len(scores) != len(gt_rows) or None in scores:

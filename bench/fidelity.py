@@ -1021,6 +1021,7 @@ def run_rescore(study: Study, args: Any, table: Path, gt_rows: list[dict], proxi
     stable = [n for n in args.stability.split(",") if n in result["variants"]]
     again = dict(zip(stable, study.timed("stability", study.parallel,
                                          lambda n: second_seed(study, n, table, gt_rows), stable)))
+    result["stability"] = {}
     for name, st in {**(old.get("stability") or {}), **again}.items():  # seed 1's scores kept since stop 28
         first, second = (result["variants"].get(name) or {}).get("inherited_top1"), st.get("inherited_top1_seed1")
         pair = [x if x and None not in x else None for x in (first, second)]

@@ -843,11 +843,13 @@ def main() -> int:
     return 0
 
 
-def publish(result: dict, study: Study, start: float, args: Any, done: str) -> None:
-    """Write the results so far (JSON and the doc's table), marking how far the study got."""
+def publish(result: dict, study: Study, start: float, args: Any, done: str, prefix: str = "") -> None:
+    """Write the results so far (JSON and the doc's table), marking how far the study got; this
+    run's seconds and the cache's work under `prefix`ed keys (a rescore keeps the measuring runs')."""
     result["completed"] = done
-    result["seconds"] = {**{k: round(v, 1) for k, v in study.times.items()}, "total": round(time.time() - start, 1)}
-    result["work_seconds"] = work_seconds(study)
+    result[f"{prefix}seconds"] = {**{k: round(v, 1) for k, v in study.times.items()},
+                                  "total": round(time.time() - start, 1)}
+    result[f"{prefix}work_seconds"] = work_seconds(study)
     result["summary_text"] = summarise(result)
     _write(args.out, result)
     _write(record_path(args.out), study.record)
@@ -1031,14 +1033,7 @@ def run_rescore(study: Study, args: Any, table: Path, gt_rows: list[dict], proxi
             **st, "tau_vs_truth": [None if x is None else estimate(x, target) for x in pair],
             "banded_vs_truth": [None if x is None else banded_estimate(x, target, macs, bands) for x in pair]}
     result["ground_truth_noise"] = ground_truth_noise(gt_rows)
-    result["completed"] = "rescored"
-    result["rescore_seconds"] = {**{k: round(v, 1) for k, v in study.times.items()}, "total": round(time.time() - start, 1)}
-    result["rescore_work_seconds"] = work_seconds(study)
-    result["summary_text"] = summarise(result)
-    _write(args.out, result)
-    _write(record_path(args.out), study.record)
-    if not args.no_doc:
-        write_doc(result, args.doc)
+    publish(result, study, start, args, done="rescored", prefix="rescore_")
     print(table_markdown(result))
     print(result["summary_text"])
     return 0

@@ -322,7 +322,7 @@ def more_seeds(study: Study, rows: list[dict], seeds: range, executor: str) -> l
         out = study.work / f"ground_truth-seed{seed}"
         _train_ground_truth(study, out, len(rows), executor, "rank.ground_truth_seeds=1",
                             f"retrain.seed={first + seed}")
-        return {_arch_key(json.loads(r["arch"])): float(r["trained_top1"]) for r in _csv(out / "rank" / "ranking.csv")}
+        return _by_arch(out / "rank" / "ranking.csv", "trained_top1")
 
     added = study.parallel(one, list(seeds))
     keys = [_arch_key(r["arch"]) for r in rows]
@@ -389,10 +389,8 @@ def variant_entry(name: str, run: Path, corr: dict, truth: list[dict], folder: s
     superformer's training."""
     summary = json.loads((run / "supernet" / "summary.json").read_text())
     what = SCORINGS[name][0] if name in SCORINGS else VARIANTS[name][0]
-    ranking = run / folder_of(name, folder) / "rank" / "ranking.csv"
-    inherited = {_arch_key(json.loads(r["arch"])): float(r["inherited_top1"]) for r in _csv(ranking)}
     entry = {"what": what, "trained_as": trained_as(name), "rank": corr,
-             "inherited_top1": [inherited.get(_arch_key(r["arch"])) for r in truth],
+             "inherited_top1": _in_table_order(run / folder_of(name, folder) / "rank" / "ranking.csv", truth),
              "supernet": {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
                           "sec_per_step": summary["train_seconds"] / max(summary["steps"], 1),
                           "max_top1": summary["max_top1"], "min_top1": summary["min_top1"]}}
@@ -531,6 +529,22 @@ def work_seconds(study: Study) -> dict:
 # ----------------------------------------------------------------------------- helpers
 def _arch_key(arch: dict) -> str:
     return hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _by_arch(ranking: Path, column: str) -> dict[str, float]:
+    """A column of a `vitas rank` ranking.csv, by architecture key."""
+    return {_arch_key(json.loads(r["arch"])): float(r[column]) for r in _csv(ranking)}
+
+
+def _in_table_order(ranking: Path, truth: list[dict]) -> list[Optional[float]]:
+    """The inherited top-1 of a ranking.csv per ground-truth architecture, in the table's order."""
+    scores = _by_arch(ranking, "inherited_top1")
+    return [scores.get(_arch_key(r["arch"])) for r in truth]
+
+
+def _table_tag(table: Path) -> str:
+    """A short fingerprint of a ground-truth table file (names the rankings made against it)."""
+    return hashlib.sha1(table.read_bytes()).hexdigest()[:8]
 
 
 def _retrain_epochs(study: Study) -> int:
@@ -947,7 +961,7 @@ def run_partial(study: Study, names: list[str], args: Any, proxies: list[str]) -
     """Rank every already-trained variant against the partial ground truth (see the docstring)."""
     start = time.time()
     table, rows = partial_table(study, args.truth_seeds or args.seeds)
-    tag = hashlib.sha1(table.read_bytes()).hexdigest()[:8]
+    tag = _table_tag(table)
     trained = [n for n in names
                if (study.work / "supernets" / trained_as(n) / "supernet" / "summary.json").is_file()]
     if not trained:
@@ -993,7 +1007,7 @@ def run_rescore(study: Study, args: Any, table: Path, gt_rows: list[dict], proxi
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if not same_architectures(old, gt_rows):
         raise SystemExit(f"{args.out} was not measured on this ground truth's architectures: nothing to rescore")
-    sizes = study.work / f"rank-gt-sizes-{hashlib.sha1(table.read_bytes()).hexdigest()[:8]}"
+    sizes = study.work / f"rank-gt-sizes-{_table_tag(table)}"
     if not (sizes / "rank" / "correlations.json").is_file():
         study.stage("rank", sizes, f"rank.proxies={json.dumps(proxies)}", f"rank.targets=[{TRAINED}]",
                     "rank.inherited=false", options=("--ground-truth", str(table)))
@@ -1043,11 +1057,9 @@ def second_seed(study: Study, name: str, table: Path, truth: list[dict]) -> dict
     """Variant `name`'s superformer of supernet.seed 1 (trained once, cached) ranked against
     `table`: its inherited top-1 per architecture in the table's order (`inherited_top1_seed1`)."""
     run = train_supernet(study, name, seed=1)
-    folder = f"rank-gt-{hashlib.sha1(table.read_bytes()).hexdigest()[:8]}"  # one per table
+    folder = f"rank-gt-{_table_tag(table)}"  # one per table
     rank_variant(study, name, run, table, [], folder=folder)
-    rows = _csv(run / folder / "rank" / "ranking.csv")
-    scores = {_arch_key(json.loads(r["arch"])): float(r["inherited_top1"]) for r in rows}
-    return {"inherited_top1_seed1": [scores.get(_arch_key(r["arch"])) for r in truth],
+    return {"inherited_top1_seed1": _in_table_order(run / folder / "rank" / "ranking.csv", truth),
             "seed1_train_seconds": json.loads((run / "supernet" / "summary.json").read_text())["train_seconds"]}
 
 
@@ -1089,12 +1101,11 @@ def _stability(study: Study, name: str, run: Path, table: Path) -> dict:
     a = rank_variant(study, name, run, table, [])
     b = rank_variant(study, name, other, table, [])
     x = [float(r["inherited_top1"]) for r in _csv(run / "rank-gt" / "rank" / "ranking.csv")]
-    rows = _csv(other / "rank-gt" / "rank" / "ranking.csv")
-    y = [float(r["inherited_top1"]) for r in rows]
+    y = [float(r["inherited_top1"]) for r in _csv(other / "rank-gt" / "rank" / "ranking.csv")]
     tau = kendalltau(x, y).statistic
-    second = {_arch_key(json.loads(r["arch"])): float(r["inherited_top1"]) for r in rows}
     return {"tau_between_seeds": float(tau),
-            "inherited_top1_seed1": [second.get(_arch_key(r["arch"])) for r in json.loads(table.read_text())],
+            "inherited_top1_seed1": _in_table_order(other / "rank-gt" / "rank" / "ranking.csv",
+                                                    json.loads(table.read_text())),
             "tau_vs_truth": [_kendall(a, "trained_top1", "inherited_top1")["estimate"],
                              _kendall(b, "trained_top1", "inherited_top1")["estimate"]],
             "banded_vs_truth": [_kendall(a, "trained_top1", "inherited_top1", banded=True)["estimate"],
